@@ -1,0 +1,1 @@
+"""asv benchmark suite of cinstnorm (run ``asv`` from the ``benchmarks/`` directory)."""

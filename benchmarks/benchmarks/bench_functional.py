@@ -1,0 +1,62 @@
+"""Functional kernels: forward, backward from saved statistics, and the np.copyto floor."""
+import numpy as np
+
+import cinstnorm as cin
+
+from .common import (
+    EPS,
+    ShapeDtype,
+    ShapeDtypeThreads,
+    affine_parameters,
+    backward_inputs,
+    random_input,
+    touched_empty_like,
+)
+
+
+class Forward(ShapeDtypeThreads):
+    """``instance_norm_forward`` with an affine weight and bias."""
+
+    def setup(self, shape, dtype, n_threads):
+        self.x = random_input(shape, dtype)
+        self.weight, self.bias = affine_parameters(shape, dtype)
+        self.out = touched_empty_like(self.x)
+
+    def time_forward(self, shape, dtype, n_threads):
+        cin.instance_norm_forward(self.x, self.weight, self.bias, EPS, n_threads=n_threads)
+
+    def time_forward_out(self, shape, dtype, n_threads):
+        # into a mapped output: the like-for-like comparison with CopyFloor
+        cin.instance_norm_forward(
+            self.x, self.weight, self.bias, EPS, n_threads=n_threads, out=self.out
+        )
+
+
+class Backward(ShapeDtypeThreads):
+    """``instance_norm_backward`` from saved statistics, and a functional forward + backward."""
+
+    def setup(self, shape, dtype, n_threads):
+        self.x, self.dy, self.mean, self.rstd = backward_inputs(shape, dtype)
+        self.weight, self.bias = affine_parameters(shape, dtype)
+
+    def time_backward(self, shape, dtype, n_threads):
+        cin.instance_norm_backward(
+            self.dy, self.x, self.mean, self.rstd, self.weight, n_threads=n_threads
+        )
+
+    def time_forward_backward(self, shape, dtype, n_threads):
+        _, mean, rstd = cin.instance_norm_forward(
+            self.x, self.weight, self.bias, EPS, n_threads=n_threads
+        )
+        cin.instance_norm_backward(self.dy, self.x, mean, rstd, self.weight, n_threads=n_threads)
+
+
+class CopyFloor(ShapeDtype):
+    """``np.copyto`` of the input's bytes into a mapped array: the machine's practical floor."""
+
+    def setup(self, shape, dtype):
+        self.x = random_input(shape, dtype)
+        self.out = touched_empty_like(self.x)
+
+    def time_copyto(self, shape, dtype):
+        np.copyto(self.out, self.x)

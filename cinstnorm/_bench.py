@@ -1,0 +1,456 @@
+"""Engine behind ``python -m cinstnorm bench``: cinstnorm against torch, NumPy and a memory copy.
+
+For each DESIGN.md shape and dtype it times, in one process and on the same arrays, cinstnorm's
+forward, backward (from saved statistics, affine weight) and forward + backward; the same three
+with torch CPU (when torch imports) and with a vectorised NumPy reference written here; and
+``np.copyto`` of the input's bytes, the practical floor of a memory-bound kernel. Every timing is
+reported as a ratio measured in the same run, because absolute times hold only on one machine.
+
+Neither cinstnorm's compiled extension nor torch is imported before a benchmark runs.
+
+Examples
+--------
+>>> from cinstnorm._bench import main
+>>> main(["--shapes", "tiny", "--dtype", "float32", "--repeat", "3"])  # doctest: +SKIP
+0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+SHAPES: dict[str, tuple[int, ...]] = {
+    "small-planes": (32, 64, 32, 32),
+    "style": (8, 128, 64, 64),
+    "few-big": (1, 3, 1024, 1024),
+    "dram": (16, 64, 128, 128),
+    "tiny": (64, 256, 8, 8),
+    "one-plane": (1, 1, 2048, 2048),
+    "volume": (2, 32, 32, 64, 64),
+}
+DTYPES = ("float32", "float64")
+EPS = 1e-5
+
+# Each sample runs the function often enough to last this long, so that sub-millisecond
+# kernels are not measured at the resolution of the clock and the call overhead.
+MIN_SAMPLE_SECONDS = 2e-3
+
+# What each op's "cin/copy" ratio divides; forward uses out= so both sides write mapped pages.
+OPS = ("forward", "backward", "forward_backward")
+OP_TITLES = {"forward": "forward", "backward": "backward", "forward_backward": "forward+backward"}
+CIN_NUMPY_KEYS = ("cin_forward", "cin_forward_out", "cin_backward", "cin_forward_backward",
+                  "copyto", "numpy_forward", "numpy_backward", "numpy_forward_backward")
+TORCH_KEYS = ("torch_forward", "torch_backward", "torch_forward_backward")
+FLOOR_NUMERATOR = {
+    "forward": "cin_forward_out",
+    "backward": "cin_backward",
+    "forward_backward": "cin_forward_backward",
+}
+
+
+def available_cores() -> int:
+    """Number of cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the best and the median of the samples."""
+
+    best: float
+    median: float
+
+
+def measure(fn: Callable[[], object], repeat: int = 7) -> Timing:
+    """Time ``fn`` with ``time.perf_counter``: one warm-up call, then ``repeat`` samples.
+
+    A sample averages as many calls as fit in ``MIN_SAMPLE_SECONDS`` (at least one).
+
+    Examples
+    --------
+    >>> t = measure(lambda: sum(range(100)), repeat=3)
+    >>> 0 < t.best <= t.median
+    True
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    start = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - start
+    number = max(1, min(10_000, math.ceil(MIN_SAMPLE_SECONDS / max(warm, 1e-9))))
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return Timing(min(samples), statistics.median(samples))
+
+
+def best_time(fn: Callable[[], object], repeat: int = 7) -> float:
+    """Best seconds per call of ``fn`` over ``repeat`` samples (see :func:`measure`).
+
+    Examples
+    --------
+    >>> best_time(lambda: None, repeat=3) > 0
+    True
+    """
+    return measure(fn, repeat).best
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy reference: vectorised, in the input's dtype throughout (no float64 for float32 input).
+
+def _planes(a: np.ndarray) -> np.ndarray:
+    """(N, C, M) view of an (N, C, *spatial) C-contiguous array."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def numpy_forward(x, weight, bias, eps=EPS):
+    """Instance norm forward in NumPy; returns (y, mean, rstd) like ``instance_norm_forward``."""
+    x3 = _planes(x)
+    size = x3.shape[-1]
+    mean = x3.mean(axis=-1, keepdims=True)
+    y = x3 - mean
+    var = np.einsum("ncm,ncm->nc", y, y)[..., None] / size  # sum of squares, no temporary
+    rstd = 1 / np.sqrt(var + eps)
+    y *= rstd * weight[:, None]
+    y += bias[:, None]
+    return y.reshape(x.shape), mean[..., 0], rstd[..., 0]
+
+
+def numpy_backward(dy, x, mean, rstd, weight):
+    """Instance norm backward in NumPy from saved statistics; returns (dx, dweight, dbias)."""
+    x3, dy3 = _planes(x), _planes(dy)
+    size = x3.shape[-1]
+    rstd3 = rstd[..., None]
+    xhat = x3 - mean[..., None]
+    xhat *= rstd3
+    sum_dy = dy3.sum(axis=-1)
+    sum_dy_xhat = np.einsum("ncm,ncm->nc", dy3, xhat)
+    # dx = w*rstd*(dy - mean(dy) - xhat*mean(dy*xhat)), built in xhat's buffer
+    xhat *= -(sum_dy_xhat / size)[..., None]
+    xhat += dy3
+    xhat -= (sum_dy / size)[..., None]
+    xhat *= weight[:, None] * rstd3
+    return xhat.reshape(x.shape), sum_dy_xhat.sum(axis=0), sum_dy.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _import_torch():
+    """torch, or None when it is not installed (or fails to import)."""
+    try:
+        import torch
+    except Exception:  # ImportError, or a broken install (OSError from a shared library)
+        return None
+    return torch
+
+
+class Progress:
+    """A one-line text progress bar on stderr (no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool, stream=None, width: int = 24):
+        self.total, self.enabled, self.width = total, enabled, width
+        self.stream = sys.stderr if stream is None else stream
+        self.done = 0
+        self._last_len = 0
+
+    def show(self, label: str) -> None:
+        """Draw the bar with ``label`` as the step now running."""
+        if not self.enabled:
+            return
+        filled = self.width * self.done // max(self.total, 1)
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}"
+        self.stream.write("\r" + line.ljust(self._last_len))
+        self.stream.flush()
+        self._last_len = len(line)
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        if self.enabled and self._last_len:
+            self.stream.write("\r" + " " * self._last_len + "\r")
+            self.stream.flush()
+
+
+def _case_functions(x, dy, weight, bias, threads, torch):
+    """name -> zero-argument function to time, for one input."""
+    import cinstnorm as cin
+
+    out = np.empty_like(x)
+    copy_out = np.empty_like(x)
+    _, mean, rstd = cin.instance_norm_forward(x, weight, bias, EPS, n_threads=threads)
+    _, np_mean, np_rstd = numpy_forward(x, weight, bias)
+
+    def cin_forward_backward():
+        _, m, r = cin.instance_norm_forward(x, weight, bias, EPS, n_threads=threads)
+        cin.instance_norm_backward(dy, x, m, r, weight, n_threads=threads)
+
+    def numpy_forward_backward():
+        _, m, r = numpy_forward(x, weight, bias)
+        numpy_backward(dy, x, m, r, weight)
+
+    fns = {  # keys: CIN_NUMPY_KEYS
+        "cin_forward": lambda: cin.instance_norm_forward(x, weight, bias, EPS, n_threads=threads),
+        "cin_forward_out": lambda: cin.instance_norm_forward(
+            x, weight, bias, EPS, n_threads=threads, out=out
+        ),
+        "cin_backward": lambda: cin.instance_norm_backward(
+            dy, x, mean, rstd, weight, n_threads=threads
+        ),
+        "cin_forward_backward": cin_forward_backward,
+        "copyto": lambda: np.copyto(copy_out, x),
+        "numpy_forward": lambda: numpy_forward(x, weight, bias),
+        "numpy_backward": lambda: numpy_backward(dy, x, np_mean, np_rstd, weight),
+        "numpy_forward_backward": numpy_forward_backward,
+    }
+    if torch is not None:
+        fns.update(_torch_functions(torch, x, dy, weight, bias))
+    return fns
+
+
+def _torch_functions(torch, x, dy, weight, bias):
+    """torch forward (no_grad), autograd backward alone, and forward + backward."""
+    F = torch.nn.functional
+    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    wt, bt = torch.from_numpy(weight), torch.from_numpy(bias)
+    xg, wg, bg = (t.detach().clone().requires_grad_() for t in (xt, wt, bt))
+    y_graph = F.instance_norm(xg, weight=wg, bias=bg, eps=EPS)  # kept for backward alone
+
+    def forward():
+        with torch.no_grad():
+            F.instance_norm(xt, weight=wt, bias=bt, eps=EPS)
+
+    def forward_backward():
+        y = F.instance_norm(xg, weight=wg, bias=bg, eps=EPS)
+        torch.autograd.grad(y, (xg, wg, bg), dyt)
+
+    return {  # keys: TORCH_KEYS
+        "torch_forward": forward,
+        "torch_backward": lambda: torch.autograd.grad(
+            y_graph, (xg, wg, bg), dyt, retain_graph=True
+        ),
+        "torch_forward_backward": forward_backward,
+    }
+
+
+def _max_errors(x, dy, weight, bias, threads):
+    """Largest |cinstnorm - NumPy reference| of y and dx: a benchmark of wrong results is void."""
+    import cinstnorm as cin
+
+    y, mean, rstd = cin.instance_norm_forward(x, weight, bias, EPS, n_threads=threads)
+    dx, _, _ = cin.instance_norm_backward(dy, x, mean, rstd, weight, n_threads=threads)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    w64, b64 = weight.astype(np.float64), bias.astype(np.float64)
+    y_ref, mean_ref, rstd_ref = numpy_forward(x64, w64, b64)
+    dx_ref, _, _ = numpy_backward(dy64, x64, mean_ref, rstd_ref, w64)
+    return float(np.max(np.abs(y - y_ref))), float(np.max(np.abs(dx - dx_ref)))
+
+
+def make_inputs(shape_name: str, dtype: str):
+    """(x, dy, weight, bias) from fixed seeds: x ~ N(0, 1), weight near 1, bias near 0."""
+    rng = np.random.default_rng(0)
+    shape = SHAPES[shape_name]
+    x = rng.standard_normal(shape, dtype=dtype)
+    dy = rng.standard_normal(shape, dtype=dtype)
+    weight = (1.0 + 0.1 * rng.standard_normal(shape[1])).astype(dtype)
+    bias = (0.1 * rng.standard_normal(shape[1])).astype(dtype)
+    return x, dy, weight, bias
+
+
+def _ratio(numerator: Optional[Timing], denominator: Optional[Timing]) -> Optional[float]:
+    if numerator is None or denominator is None:
+        return None
+    return numerator.best / denominator.best
+
+
+def case_ratios(times: dict[str, Timing]) -> dict[str, Optional[float]]:
+    """"{op}:torch/cin", "{op}:cin/copy" and "{op}:numpy/cin" from best times (None if absent)."""
+    ratios = {}
+    for op in OPS:
+        cin_time = times[f"cin_{op}"]
+        ratios[f"{op}:torch/cin"] = _ratio(times.get(f"torch_{op}"), cin_time)
+        ratios[f"{op}:cin/copy"] = _ratio(times[FLOOR_NUMERATOR[op]], times["copyto"])
+        ratios[f"{op}:numpy/cin"] = _ratio(times[f"numpy_{op}"], cin_time)
+    return ratios
+
+
+def geometric_means(cases: Sequence[dict]) -> dict[str, Optional[float]]:
+    """Geometric mean of each ratio over the cases that have it."""
+    means = {}
+    for key in cases[0]["ratios"] if cases else ():
+        values = [c["ratios"][key] for c in cases if c["ratios"][key] is not None]
+        means[key] = math.exp(sum(map(math.log, values)) / len(values)) if values else None
+    return means
+
+
+def run_benchmarks(shapes, dtypes, threads: int, repeat: int, progress: Progress,
+                   torch=None) -> list[dict]:
+    """Time every (shape, dtype) case; returns one dict per case (times in seconds)."""
+    cases = []
+    for name in shapes:
+        for dtype in dtypes:
+            label = f"{name} {dtype}"
+            progress.show(f"{label}: making inputs")
+            x, dy, weight, bias = make_inputs(name, dtype)
+            fns = _case_functions(x, dy, weight, bias, threads, torch)
+            times = {}
+            for key, fn in fns.items():
+                progress.show(f"{label}: {key}")
+                times[key] = measure(fn, repeat)
+                progress.advance()
+            y_err, dx_err = _max_errors(x, dy, weight, bias, threads)
+            del fns, x, dy
+            cases.append({
+                "shape": name, "dims": list(SHAPES[name]), "dtype": dtype,
+                "times": {k: asdict(t) for k, t in times.items()},
+                "ratios": case_ratios(times),
+                "max_abs_err": {"y": y_err, "dx": dx_err},
+            })
+    return cases
+
+
+def _fmt_ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _fmt_ratio(ratio: Optional[float]) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def format_table(cases: Sequence[dict], geomean: dict) -> str:
+    """One block per op: best times (ms) and the three ratios, then the geometric-mean row."""
+    lines = []
+    name_w = max([len("geomean")] + [len(c["shape"]) for c in cases])
+    for op in OPS:
+        time_cols = [f"cin_{op}"] + (["cin_forward_out"] if op == "forward" else []) + [
+            f"torch_{op}", f"numpy_{op}", "copyto"]
+        heads = ["cin ms"] + (["out= ms"] if op == "forward" else []) + [
+            "torch ms", "numpy ms", "copy ms", "torch/cin", "cin/copy", "numpy/cin"]
+        ratio_keys = [f"{op}:torch/cin", f"{op}:cin/copy", f"{op}:numpy/cin"]
+        lines.append(f"{OP_TITLES[op]}")
+        lines.append(f"{'shape':<{name_w}}  {'dtype':<7}" + "".join(f"{h:>11}" for h in heads))
+        for c in cases:
+            t = c["times"]
+            cells = [_fmt_ms(t[k]["best"] if k in t else None) for k in time_cols]
+            cells += [_fmt_ratio(c["ratios"][k]) for k in ratio_keys]
+            lines.append(f"{c['shape']:<{name_w}}  {c['dtype']:<7}"
+                         + "".join(f"{s:>11}" for s in cells))
+        blank = "".join(f"{'':>11}" for _ in time_cols)
+        lines.append(f"{'geomean':<{name_w}}  {'':<7}" + blank
+                     + "".join(f"{_fmt_ratio(geomean.get(k)):>11}" for k in ratio_keys))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m cinstnorm bench",
+        description="Time cinstnorm against torch CPU, a NumPy reference and np.copyto of the "
+                    "same bytes, on the DESIGN.md shapes. Ratios > 1 in torch/cin and numpy/cin "
+                    "mean cinstnorm is faster; cin/copy is the distance from the copy floor.",
+    )
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated shape names (default: all): " + ", ".join(
+                            f"{k} {v}" for k, v in SHAPES.items()))
+    parser.add_argument("--dtype", default=",".join(DTYPES),
+                        help="comma-separated dtypes from float32,float64 (default: both)")
+    parser.add_argument("--threads", type=int, default=available_cores(),
+                        help="threads for cinstnorm and torch (default: all cores, %(default)s)")
+    parser.add_argument("--repeat", type=int, default=7,
+                        help="timed samples per measurement; the table shows the best "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar on stderr")
+    args = parser.parse_args(argv)
+    args.shapes = _comma_list(args.shapes)
+    args.dtype = _comma_list(args.dtype)
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown or not args.shapes:
+        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    bad = [d for d in args.dtype if d not in DTYPES]
+    if bad or not args.dtype:
+        parser.error(f"unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    return args
+
+
+def _environment(threads: int, repeat: int, torch) -> dict:
+    import cinstnorm as cin
+
+    return {
+        "threads": threads, "repeat": repeat, "cores": available_cores(),
+        "cinstnorm": getattr(cin, "__version__", None), "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+        "processor": platform.processor() or None,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark and print the table; ``argv`` excludes the ``bench`` word.
+
+    Returns 0 (the process exit status).
+    """
+    args = _parse_args(argv)
+    torch = _import_torch()
+    saved_torch_threads = None
+    if torch is not None:
+        saved_torch_threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+    per_case = len(CIN_NUMPY_KEYS) + (len(TORCH_KEYS) if torch is not None else 0)
+    progress = Progress(len(args.shapes) * len(args.dtype) * per_case,
+                        enabled=not args.no_progress and sys.stderr.isatty())
+    try:
+        cases = run_benchmarks(args.shapes, args.dtype, args.threads, args.repeat, progress,
+                               torch)
+    finally:
+        progress.close()
+        if saved_torch_threads is not None:
+            torch.set_num_threads(saved_torch_threads)
+    geomean = geometric_means(cases)
+    env = _environment(args.threads, args.repeat, torch)
+
+    torch_note = (f"torch {env['torch']} ({args.threads} threads)" if torch is not None
+                  else "torch not installed")
+    print(f"cinstnorm bench: {args.threads} thread(s), best of {args.repeat}; "
+          f"numpy {env['numpy']}, {torch_note}")
+    print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
+          "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for y), "
+          "backward allocates dx as the API does.\n")
+    print(format_table(cases, geomean))
+    for c in cases:
+        tol = 1e-3 if c["dtype"] == "float32" else 1e-9
+        worst = max(c["max_abs_err"].values())
+        if worst > tol:
+            print(f"warning: {c['shape']} {c['dtype']}: cinstnorm differs from the NumPy "
+                  f"reference by {worst:.3g} (y {c['max_abs_err']['y']:.3g}, "
+                  f"dx {c['max_abs_err']['dx']:.3g})", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "cases": cases, "geomean": geomean}, f, indent=2)
+            f.write("\n")
+    return 0

@@ -1,0 +1,324 @@
+"""Cython/OpenMP drivers of the CPU kernels.
+
+Every driver works on C-contiguous 2-D views of shape (P, L): P = N*C planes of L spatial
+elements.  Per-plane parameters (scale, shift, statistics) arrive as float64 arrays of length P,
+so per-channel and per-sample parameters take the same path.  The Python layer validates every
+shape and dtype before calling in here; with bounds checking off a bad shape would be a silent
+out-of-bounds access.
+
+Work split (see DESIGN.md): planes that fit in L2 are handled one plane per iteration of a
+static ``prange`` (statistics, then normalization while the plane is still cached).  Planes
+much larger than L2, or fewer planes than threads, are cut into k chunks: a first loop computes
+per-chunk partial results, a second merges them per plane, and a third loop over the same
+(plane, chunk) indices with the same static schedule, inside the same parallel region,
+finishes each chunk on the thread that just read it.
+"""
+from cython.parallel cimport prange, parallel
+from libc.math cimport sqrt
+
+import numpy as np
+
+ctypedef fused floating:
+    float
+    double
+
+cdef extern from "cin_omp.h" nogil:
+    int omp_get_thread_num()
+    int omp_get_num_threads()
+    int omp_get_max_threads()
+    int CIN_HAVE_OPENMP
+    int CIN_OPENMP_VERSION
+
+cdef extern from "cinstnorm_kernels.h" nogil:
+    const char *CIN_SIMD_NAME
+    void cin_chan_merge(double *n, double *mean, double *m2, double n_b, double mean_b,
+                        double m2_b)
+    void cin_chunk_stats_f(const float *x, Py_ssize_t n, double *mean, double *m2)
+    void cin_chunk_stats_d(const double *x, Py_ssize_t n, double *mean, double *m2)
+    void cin_normalize_f(const float *x, float *y, Py_ssize_t n, float k, float alpha,
+                         float beta)
+    void cin_normalize_d(const double *x, double *y, Py_ssize_t n, double k, double alpha,
+                         double beta)
+    void cin_backward_sums_f(const float *dy, const float *x, Py_ssize_t n, float k,
+                             double *sdy, double *sdyx)
+    void cin_backward_sums_d(const double *dy, const double *x, Py_ssize_t n, double k,
+                             double *sdy, double *sdyx)
+    void cin_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t n, float k,
+                           float a, float b, float c)
+    void cin_backward_dx_d(const double *dy, const double *x, double *dx, Py_ssize_t n,
+                           double k, double a, double b, double c)
+    void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a)
+    void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a)
+
+cdef extern from *:
+    """
+    #ifndef CIN_BUILD_FLAGS
+    #define CIN_BUILD_FLAGS "unknown"
+    #endif
+    #ifndef CIN_DEBUG_BUILD
+    #define CIN_DEBUG_BUILD 0
+    #endif
+    """
+    const char *CIN_BUILD_FLAGS
+    int CIN_DEBUG_BUILD
+
+cdef enum:
+    # A chunk is about this many bytes: well inside a 512 KiB L2 together with its output.
+    CHUNK_BYTES = 128 * 1024
+    # Chunks are never cut smaller than this many elements (per-chunk overhead).
+    MIN_CHUNK = 4096
+    # Chunk boundaries are multiples of this many elements (whole cache lines, aligned SIMD).
+    CHUNK_ALIGN = 16
+
+cdef int _threads_used = 1
+
+
+cdef void _record_team_size() noexcept nogil:
+    """Remember how many threads the current parallel region really runs (a probe for tests)."""
+    global _threads_used
+    if omp_get_thread_num() == 0:
+        _threads_used = omp_get_num_threads()
+
+
+cdef Py_ssize_t _chunks_per_plane(Py_ssize_t P, Py_ssize_t L, Py_ssize_t itemsize,
+                                  int n_threads) noexcept nogil:
+    """How many chunks each plane is cut into (1: whole planes)."""
+    cdef Py_ssize_t target = CHUNK_BYTES // itemsize
+    cdef Py_ssize_t k = 1
+    cdef Py_ssize_t most = L // MIN_CHUNK
+    if L > 2 * target:
+        k = (L + target - 1) // target
+    if P < n_threads and k < n_threads:
+        k = n_threads
+    if k > most:
+        k = most
+    return k if k > 1 else 1
+
+
+cdef inline Py_ssize_t _chunk_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) noexcept nogil:
+    if j >= k:
+        return L
+    return ((L * j) // k) // CHUNK_ALIGN * CHUNK_ALIGN
+
+
+# ---- fused-type front ends of the C inner loops -------------------------------------------
+
+cdef inline void _stats(const floating *x, Py_ssize_t n, double *mean,
+                        double *m2) noexcept nogil:
+    if floating is float:
+        cin_chunk_stats_f(x, n, mean, m2)
+    else:
+        cin_chunk_stats_d(x, n, mean, m2)
+
+
+cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
+                            double rstd, double w, double b) noexcept nogil:
+    """y = (x - mean) * rstd * w + b, evaluated as (x - k) * alpha + beta with k ~ mean."""
+    cdef floating k = <floating>mean
+    cdef double alpha = rstd * w
+    cdef double beta = b - (mean - <double>k) * alpha
+    if floating is float:
+        cin_normalize_f(x, y, n, k, <float>alpha, <float>beta)
+    else:
+        cin_normalize_d(x, y, n, k, alpha, beta)
+
+
+cdef inline void _bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,
+                           double *sdy, double *sdyc) noexcept nogil:
+    """sdy = sum(dy), sdyc = sum(dy * (x - mean)) (centred form)."""
+    cdef floating k = <floating>mean
+    if floating is float:
+        cin_backward_sums_f(dy, x, n, k, sdy, sdyc)
+    else:
+        cin_backward_sums_d(dy, x, n, k, sdy, sdyc)
+    sdyc[0] = sdyc[0] + (<double>k - mean) * sdy[0]
+
+
+cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                         double mean, double rstd, double w, double sdy, double sdyc,
+                         double inv_count, bint use_input_stats) noexcept nogil:
+    """dx of one chunk from its plane's sums (see SPEC.md, Backward)."""
+    cdef floating k = <floating>mean
+    cdef double a = w * rstd
+    cdef double b, c
+    if not use_input_stats:
+        if floating is float:
+            cin_scale_f(dy, dx, n, <float>a)
+        else:
+            cin_scale_d(dy, dx, n, a)
+        return
+    b = -a * rstd * rstd * sdyc * inv_count
+    c = -a * sdy * inv_count + b * (<double>k - mean)
+    if floating is float:
+        cin_backward_dx_f(dy, x, dx, n, k, <float>a, <float>b, <float>c)
+    else:
+        cin_backward_dx_d(dy, x, dx, n, k, a, b, c)
+
+
+# ---- drivers ------------------------------------------------------------------------------
+
+def forward_train(const floating[:, ::1] x,     # IN  (P, L)
+                  floating[:, ::1] y,           # OUT (P, L), may be x itself
+                  const double[::1] weight,     # IN  (P,) per-plane scale
+                  const double[::1] bias,       # IN  (P,) per-plane shift
+                  double eps,
+                  double[::1] mean,             # OUT (P,)
+                  double[::1] var,              # OUT (P,) biased variance
+                  double[::1] rstd,             # OUT (P,) 1/sqrt(var + eps)
+                  int n_threads):
+    """Instance statistics of every plane, then y normalized with them."""
+    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef Py_ssize_t p, i, j, lo, hi
+    cdef double inv_l = 1.0 / <double>L, cnt, m, m2
+    cdef double[::1] cmean, cm2
+    if k == 1:
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for p in prange(P, schedule='static'):
+                _stats(&x[p, 0], L, &mean[p], &var[p])
+                var[p] = var[p] * inv_l
+                rstd[p] = 1.0 / sqrt(var[p] + eps)
+                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], weight[p], bias[p])
+        return
+    cmean = np.empty(P * k, dtype=np.float64)
+    cm2 = np.empty(P * k, dtype=np.float64)
+    with nogil, parallel(num_threads=n_threads):
+        _record_team_size()
+        for i in prange(P * k, schedule='static'):
+            p = i // k
+            j = i % k
+            lo = _chunk_start(L, k, j)
+            hi = _chunk_start(L, k, j + 1)
+            _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
+        for p in prange(P, schedule='static'):
+            cnt = 0.0
+            m = 0.0
+            m2 = 0.0
+            for j in range(k):
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                cin_chan_merge(&cnt, &m, &m2, <double>(hi - lo), cmean[p * k + j],
+                               cm2[p * k + j])
+            mean[p] = m
+            var[p] = m2 * inv_l
+            rstd[p] = 1.0 / sqrt(var[p] + eps)
+        for i in prange(P * k, schedule='static'):
+            p = i // k
+            j = i % k
+            lo = _chunk_start(L, k, j)
+            hi = _chunk_start(L, k, j + 1)
+            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p])
+
+
+def normalize(const floating[:, ::1] x,         # IN  (P, L)
+              floating[:, ::1] y,               # OUT (P, L), may be x itself
+              const double[::1] mean,           # IN  (P,) given (running) mean
+              const double[::1] rstd,           # IN  (P,) given 1/sqrt(var + eps)
+              const double[::1] weight,         # IN  (P,)
+              const double[::1] bias,           # IN  (P,)
+              int n_threads):
+    """y = (x - mean) * rstd * weight + bias with given per-plane statistics."""
+    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef Py_ssize_t p, i, j, lo, hi
+    with nogil, parallel(num_threads=n_threads):
+        _record_team_size()
+        for i in prange(P * k, schedule='static'):
+            p = i // k
+            j = i % k
+            lo = _chunk_start(L, k, j)
+            hi = _chunk_start(L, k, j + 1)
+            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p])
+
+
+def backward(const floating[:, ::1] dy,         # IN  (P, L)
+             const floating[:, ::1] x,          # IN  (P, L)
+             const double[::1] mean,            # IN  (P,) saved or running mean
+             const double[::1] rstd,            # IN  (P,) saved or running 1/sqrt(var + eps)
+             const double[::1] weight,          # IN  (P,) per-plane scale
+             floating[:, ::1] dx,               # OUT (P, L)
+             double[::1] sum_dy,                # OUT (P,) sum(dy)
+             double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
+             bint use_input_stats,
+             int n_threads):
+    """dx and the per-plane sums that dweight/dbias reduce from."""
+    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef Py_ssize_t p, i, j, lo, hi
+    cdef double inv_l = 1.0 / <double>L, sg, sc
+    cdef double[::1] cg, cc
+    if k == 1:
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for p in prange(P, schedule='static'):
+                _bwd_sums(&dy[p, 0], &x[p, 0], L, mean[p], &sum_dy[p], &sum_dy_xhat[p])
+                _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, mean[p], rstd[p], weight[p],
+                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats)
+                sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
+        return
+    cg = np.empty(P * k, dtype=np.float64)
+    cc = np.empty(P * k, dtype=np.float64)
+    with nogil, parallel(num_threads=n_threads):
+        _record_team_size()
+        for i in prange(P * k, schedule='static'):
+            p = i // k
+            j = i % k
+            lo = _chunk_start(L, k, j)
+            hi = _chunk_start(L, k, j + 1)
+            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, mean[p], &cg[i], &cc[i])
+        for p in prange(P, schedule='static'):
+            sg = 0.0
+            sc = 0.0
+            for j in range(k):
+                sg = sg + cg[p * k + j]
+                sc = sc + cc[p * k + j]
+            sum_dy[p] = sg
+            sum_dy_xhat[p] = sc
+        for i in prange(P * k, schedule='static'):
+            p = i // k
+            j = i % k
+            lo = _chunk_start(L, k, j)
+            hi = _chunk_start(L, k, j + 1)
+            _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, mean[p], rstd[p], weight[p],
+                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats)
+        for p in prange(P, schedule='static'):
+            sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
+
+
+# ---- build and runtime facts ----------------------------------------------------------------
+
+def openmp_enabled():
+    """True when the kernels were compiled with OpenMP."""
+    return bool(CIN_HAVE_OPENMP)
+
+
+def openmp_version():
+    """The _OPENMP date macro of the build (0 without OpenMP)."""
+    return int(CIN_OPENMP_VERSION)
+
+
+def omp_max_threads():
+    """omp_get_max_threads() of the calling thread (threadpoolctl changes it)."""
+    return int(omp_get_max_threads())
+
+
+def threads_used_last_call():
+    """Threads that really ran the parallel region of the most recent kernel call."""
+    return int(_threads_used)
+
+
+def simd_path():
+    """The instruction set the inner loops were compiled for."""
+    return CIN_SIMD_NAME.decode()
+
+
+def build_flags():
+    """Compiler flags the extension was built with."""
+    return CIN_BUILD_FLAGS.decode()
+
+
+
+def bounds_checking():
+    """True in a CINSTNORM_DEBUG=1 build (Cython bounds checking on)."""
+    return bool(CIN_DEBUG_BUILD)

@@ -1,0 +1,184 @@
+"""Every shape, dtype and argument check, done before any kernel runs.
+
+Nothing here modifies its arguments; callers update state only after all checks and the
+kernel have succeeded, so a failing call leaves inputs, outputs and buffers as they were.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype the kernels compute in: float16 runs in float32."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def check_float_dtype(dtype: np.dtype, what: str = "input") -> None:
+    """float16/32/64 pass; everything else is a TypeError naming the dtype."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or dtype.itemsize > 8:
+        raise TypeError(
+            f"{what} dtype {dtype} is not supported: cinstnorm computes in float32 or float64 "
+            f"(float16 is computed in float32)"
+        )
+
+
+def as_input(x, what: str = "input") -> np.ndarray:
+    """x as an ndarray of a supported floating dtype (no copy when it already is one)."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__cuda_array_interface__"):
+            raise TypeError(
+                f"{what} is a GPU array; this cinstnorm call runs on the CPU and takes NumPy arrays"
+            )
+        x = np.asarray(x)
+    check_float_dtype(x.dtype, what)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def check_batched(x: np.ndarray, what: str = "input") -> None:
+    """Functional calls take (N, C, *spatial) with at least one spatial axis."""
+    if x.ndim < 3:
+        raise ValueError(
+            f"expected {what} of shape (N, C, *spatial) with at least one spatial axis "
+            f"(got {x.ndim}D input)"
+        )
+
+
+def spatial_size(shape) -> int:
+    return math.prod(shape[2:])
+
+
+def check_spatial(shape, use_input_stats: bool) -> None:
+    """Instance statistics need more than one element per plane (non-empty input)."""
+    if use_input_stats and math.prod(shape) > 0 and spatial_size(shape) == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {tuple(shape)}"
+        )
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    return eps
+
+
+def check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise ValueError(f"momentum must be None or a finite real number, got {momentum!r}")
+    momentum = float(momentum)
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be None or a finite real number, got {momentum!r}")
+    return momentum
+
+
+def check_per_channel(arr, C: int, name: str, N: int | None = None):
+    """A (C,) parameter or buffer as an ndarray; (N, C) too when N is given (per sample)."""
+    if arr is None:
+        return None
+    a = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} dtype {a.dtype} is not supported: use a real floating dtype")
+    ok = a.shape == (C,) or (N is not None and a.shape == (N, C))
+    if not ok:
+        want = f"({C},)" if N is None else f"({C},) or ({N}, {C})"
+        raise ValueError(
+            f"{name} must have shape {want} to match the input's C = {C} channels, "
+            f"got shape {a.shape}"
+        )
+    return a
+
+
+def check_buffer(buf, C: int, name: str) -> np.ndarray:
+    """A running-statistics buffer that is updated in place: writable float (C,) ndarray."""
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
+                        f"got {type(buf).__name__}")
+    check_float_dtype(buf.dtype, name)
+    if buf.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the input's C = {C} channels, "
+                         f"got shape {buf.shape}")
+    return buf
+
+
+def check_writable_buffer(buf: np.ndarray, name: str) -> None:
+    if not buf.flags.writeable:
+        raise ValueError(f"{name} is read-only but must be updated in place")
+
+
+def check_out(out, x: np.ndarray) -> None:
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"out must have the input's shape {x.shape} and dtype {x.dtype}, "
+            f"got shape {out.shape} and dtype {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+
+
+def check_same(a: np.ndarray, x: np.ndarray, name: str) -> None:
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have the input's shape {x.shape}, got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {a.dtype} does not match the input dtype {x.dtype}")
+
+
+def check_stats(a, N: int, C: int, name: str) -> np.ndarray:
+    """Saved statistics: (N, C), or (C,) for fixed (running) statistics shared by all samples."""
+    a = np.asarray(a)
+    check_float_dtype(a.dtype, name)
+    if a.shape not in ((N, C), (C,)):
+        raise ValueError(f"{name} must have shape ({N}, {C}) (or ({C},)), got {a.shape}")
+    return a
+
+
+def check_module_input(x: np.ndarray, dims: tuple, num_features: int, affine: bool,
+                       tracking: bool) -> None:
+    """Rank and channel checks of InstanceNorm{1,2,3}d (dims = (unbatched, batched) ranks)."""
+    if x.ndim not in dims:
+        raise ValueError(f"expected {dims[0]}D or {dims[1]}D input (got {x.ndim}D input)")
+    c = x.shape[0] if x.ndim == dims[0] else x.shape[1]
+    if c == num_features:
+        return
+    if affine:
+        raise ValueError(
+            f"expected input's size at dim={x.ndim - dims[0]} to match num_features "
+            f"({num_features}), but got: {c}."
+        )
+    if tracking:
+        raise ValueError(
+            f"expected input's channel count to match num_features ({num_features}) of the "
+            f"running statistics, but got: {c}."
+        )
+    warnings.warn(
+        f"input's size at dim={x.ndim - dims[0]} ({c}) does not match num_features "
+        f"({num_features}); normalizing all {c} channels since affine=False and "
+        f"track_running_stats=False",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def check_module_dtype(x_dtype: np.dtype, module_dtype: np.dtype) -> None:
+    if x_dtype == module_dtype or (x_dtype == np.float16 and module_dtype == np.float32):
+        return
+    raise TypeError(
+        f"input dtype {x_dtype} does not match the module's dtype {module_dtype} "
+        f"(build the module with dtype={x_dtype}, or convert the input)"
+    )

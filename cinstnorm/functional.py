@@ -1,0 +1,306 @@
+"""Functional instance normalization: torch's ``F.instance_norm`` plus a forward/backward pair.
+
+Every public function validates all of its arguments first (``_validation``), then runs the
+compiled kernels (``_cpu``) on (P, L) = (N*C, spatial) views, and only then updates running
+statistics, so a call that raises leaves every argument as it was.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _cpu
+from . import _validation as V
+from ._config import resolve_threads
+
+__all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward"]
+
+
+# ---- plumbing between arbitrary NumPy arrays and the (P, L) kernels ----------------------------
+
+def _per_plane(a, N: int, C: int, fill: float) -> np.ndarray:
+    """A (C,) or (N, C) parameter (or None -> fill) as a contiguous float64 array of N*C."""
+    if a is None:
+        return np.full(N * C, fill)
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.float64), (N, C))).ravel()
+
+
+def _planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x as a C-contiguous (N*C, L) array of the compute dtype (a view when it already is one)."""
+    return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0] * x.shape[1], -1)
+
+
+def _target(shape, dtype: np.dtype, out: Optional[np.ndarray], x2: np.ndarray) -> np.ndarray:
+    """The array the kernel writes: `out` itself when it can (including out is x), else new."""
+    if out is not None and out.dtype == dtype and out.flags.c_contiguous:
+        same_buffer = out.ctypes.data == x2.ctypes.data
+        if same_buffer or not np.may_share_memory(out, x2):
+            return out
+    return np.empty(shape, dtype)
+
+
+def _finish(result: np.ndarray, like: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    """Deliver `result` into `out`, or as an array with `like`'s dtype and stride order."""
+    if out is not None:
+        if result is not out:
+            np.copyto(out, result, casting="same_kind")
+        return out
+    if not like.flags.c_contiguous:
+        final = np.empty_like(like, order="K", subok=False)
+        if not final.flags.c_contiguous:
+            np.copyto(final, result, casting="same_kind")
+            return final
+    return result if result.dtype == like.dtype else result.astype(like.dtype)
+
+
+def _empty_like_input(x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    return out if out is not None else np.empty_like(x, order="K", subok=False)
+
+
+def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
+    """Normalize with instance statistics; returns y and float64 (P,) mean, var, rstd."""
+    N, C = x.shape[:2]
+    P = N * C
+    mean, var, rstd = np.empty(P), np.empty(P), np.empty(P)
+    if x.size == 0:
+        for a in (mean, var, rstd):
+            a.fill(np.nan)
+        return _empty_like_input(x, out), mean, var, rstd
+    cdt = V.compute_dtype(x.dtype)
+    x2 = _planes(x, cdt)
+    y = _target(x.shape, cdt, out, x2)
+    _cpu.forward_train(x2, y.reshape(P, -1), _per_plane(weight, N, C, 1.0),
+                       _per_plane(bias, N, C, 0.0), eps, mean, var, rstd, n_threads)
+    return _finish(y, x, out), mean, var, rstd
+
+
+def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=None):
+    """Normalize with given (running) statistics of shape (C,) or (N, C)."""
+    if x.size == 0:
+        return _empty_like_input(x, out)
+    N, C = x.shape[:2]
+    cdt = V.compute_dtype(x.dtype)
+    x2 = _planes(x, cdt)
+    y = _target(x.shape, cdt, out, x2)
+    rstd = 1.0 / np.sqrt(_per_plane(var, N, C, 1.0) + eps)
+    _cpu.normalize(x2, y.reshape(N * C, -1), _per_plane(mean, N, C, 0.0), rstd,
+                   _per_plane(weight, N, C, 1.0), _per_plane(bias, N, C, 0.0), n_threads)
+    return _finish(y, x, out)
+
+
+def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int):
+    """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat)."""
+    N, C = x.shape[:2]
+    P = N * C
+    if x.size == 0:
+        return np.empty_like(x, order="K", subok=False), np.zeros(P), np.zeros(P)
+    cdt = V.compute_dtype(x.dtype)
+    x2 = _planes(x, cdt)
+    dy2 = _planes(dy, cdt)
+    dx = np.empty(x.shape, cdt)
+    sum_dy, sum_dy_xhat = np.empty(P), np.empty(P)
+    _cpu.backward(dy2, x2, mean_p, rstd_p, _per_plane(weight, N, C, 1.0), dx.reshape(P, -1),
+                  sum_dy, sum_dy_xhat, use_input_stats, n_threads)
+    return _finish(dx, x, None), sum_dy, sum_dy_xhat
+
+
+def _running_update(running_mean, running_var, mean_p, var_p, shape, factor: float) -> None:
+    """Momentum update of the buffers in place from per-plane mean and biased variance."""
+    N, C = shape[:2]
+    L = V.spatial_size(shape)
+    batch_mean = mean_p.reshape(N, C).mean(axis=0)
+    batch_var = (var_p.reshape(N, C) * (L / (L - 1))).mean(axis=0)
+    new_mean = (1.0 - factor) * running_mean + factor * batch_mean
+    new_var = (1.0 - factor) * running_var + factor * batch_var
+    running_mean[...] = new_mean
+    running_var[...] = new_var
+
+
+def _channel_sums(sums_p: np.ndarray, N: int, C: int, dtype) -> np.ndarray:
+    return sums_p.reshape(N, C).sum(axis=0).astype(dtype)
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats: bool = True, momentum: Optional[float] = 0.1,
+                  eps: float = 1e-5, *, n_threads: Optional[int] = None,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Instance normalization with torch's ``F.instance_norm`` signature and meaning.
+
+    Each (n, c) plane of ``input`` is normalized by its own mean and biased variance
+    (``use_input_stats=True``), or by ``running_mean``/``running_var``
+    (``use_input_stats=False``), then scaled by ``weight[c]`` and shifted by ``bias[c]``.
+    With ``use_input_stats=True`` and buffers given, the buffers are updated in place:
+    ``r = (1 - momentum) * r + momentum * batch_stat`` (unbiased variance).
+
+    Parameters
+    ----------
+    input : ndarray, shape (N, C, *spatial)
+        float16, float32 or float64 (float16 is computed in float32); any strides.
+    running_mean, running_var : ndarray (C,), optional
+        Running statistics; both or neither. Updated in place when ``use_input_stats``.
+    weight, bias : array_like (C,), optional
+        Per-channel scale and shift.
+    use_input_stats : bool
+        Normalize with the input's statistics (True) or with the running ones (False).
+    momentum : float
+        Weight of the new batch statistic in the running update.
+    eps : float
+        Added to the variance, finite and >= 0.
+    n_threads : int, optional
+        Threads for this call (None: library default; -1: all cores).
+    out : ndarray, optional
+        Destination with the input's shape and dtype; may be ``input`` itself.
+
+    Returns
+    -------
+    ndarray
+        The normalized array, with the input's shape, dtype and stride order.
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 2, 2, 4)
+    >>> y = cin.instance_norm(x)
+    >>> np.round(y[0, 0, 0], 3)
+    array([-1.528, -1.091, -0.655, -0.218], dtype=float32)
+    """
+    x = V.as_input(input)
+    V.check_batched(x)
+    eps = V.check_eps(eps)
+    momentum = V.check_momentum(momentum)
+    N, C = x.shape[:2]
+    weight = V.check_per_channel(weight, C, "weight")
+    bias = V.check_per_channel(bias, C, "bias")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or neither)")
+    tracking = running_mean is not None
+    if tracking:
+        V.check_buffer(running_mean, C, "running_mean")
+        V.check_buffer(running_var, C, "running_var")
+    if not use_input_stats and not tracking:
+        raise ValueError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false"
+        )
+    if use_input_stats and tracking:
+        V.check_writable_buffer(running_mean, "running_mean")
+        V.check_writable_buffer(running_var, "running_var")
+        if momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs a batch count: use the "
+                             "InstanceNorm modules, or pass momentum=1/num_batches")
+    V.check_spatial(x.shape, use_input_stats)
+    V.check_out(out, x)
+    nt = resolve_threads(n_threads)
+    if not use_input_stats:
+        return _forward_fixed(x, running_mean, running_var, weight, bias, eps, nt, out)
+    y, mean_p, var_p, _ = _forward(x, weight, bias, eps, nt, out)
+    if tracking and x.size > 0:
+        _running_update(running_mean, running_var, mean_p, var_p, x.shape, momentum)
+    return y
+
+
+def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
+                          n_threads: Optional[int] = None,
+                          out: Optional[np.ndarray] = None
+                          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalize with instance statistics and return what the backward pass needs.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, *spatial)
+        float16, float32 or float64; any strides.
+    weight, bias : array_like (C,), optional
+        Per-channel scale and shift.
+    eps : float
+        Added to the variance.
+    n_threads : int, optional
+        Threads for this call.
+    out : ndarray, optional
+        Destination with x's shape and dtype; may be ``x`` itself.
+
+    Returns
+    -------
+    y : ndarray
+        Normalized x (x's shape, dtype and stride order).
+    mean, rstd : ndarray, shape (N, C)
+        Per-plane mean and ``1/sqrt(var + eps)`` in the compute dtype (float32 for float16).
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> x = np.random.default_rng(0).normal(5, 10, (2, 3, 4, 4)).astype(np.float32)
+    >>> y, mean, rstd = cin.instance_norm_forward(x)
+    >>> mean.shape, bool(np.allclose(y.mean(axis=(2, 3)), 0, atol=1e-5))
+    ((2, 3), True)
+    """
+    x = V.as_input(x)
+    V.check_batched(x)
+    eps = V.check_eps(eps)
+    N, C = x.shape[:2]
+    weight = V.check_per_channel(weight, C, "weight")
+    bias = V.check_per_channel(bias, C, "bias")
+    V.check_spatial(x.shape, True)
+    V.check_out(out, x)
+    nt = resolve_threads(n_threads)
+    y, mean_p, _, rstd_p = _forward(x, weight, bias, eps, nt, out)
+    cdt = V.compute_dtype(x.dtype)
+    return y, mean_p.reshape(N, C).astype(cdt), rstd_p.reshape(N, C).astype(cdt)
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: bool = True,
+                           n_threads: Optional[int] = None):
+    """Gradients of instance normalization from the saved statistics.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y; x's shape and dtype.
+    x : ndarray, shape (N, C, *spatial)
+        The forward input.
+    mean, rstd : array_like, shape (N, C) (or (C,) for fixed statistics)
+        From :func:`instance_norm_forward`, or with ``use_input_stats=False`` the running mean
+        and ``1/sqrt(running_var + eps)``.
+    weight : array_like (C,), optional
+        The forward's weight.
+    use_input_stats : bool
+        True: the statistics were computed from x, and the gradient flows through them.
+        False: they were fixed (eval with running statistics): ``dx = dy * weight * rstd``.
+    n_threads : int, optional
+        Threads for this call.
+
+    Returns
+    -------
+    dx : ndarray
+        x's shape, dtype and stride order.
+    dweight, dbias : ndarray (C,) or None
+        None when ``weight`` is None.
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(2, 3, 8, 8)); w = np.ones(3)
+    >>> y, mean, rstd = cin.instance_norm_forward(x, w)
+    >>> dx, dw, db = cin.instance_norm_backward(np.ones_like(x), x, mean, rstd, w)
+    >>> bool(np.abs(dx).max() < 1e-12), db.tolist()
+    (True, [128.0, 128.0, 128.0])
+    """
+    x = V.as_input(x, "x")
+    dy = V.as_input(dy, "dy")
+    V.check_batched(x, "x")
+    V.check_same(dy, x, "dy")
+    N, C = x.shape[:2]
+    mean = V.check_stats(mean, N, C, "mean")
+    rstd = V.check_stats(rstd, N, C, "rstd")
+    weight = V.check_per_channel(weight, C, "weight")
+    V.check_spatial(x.shape, use_input_stats)
+    nt = resolve_threads(n_threads)
+    dx, sum_dy, sum_dy_xhat = _backward(dy, x, _per_plane(mean, N, C, 0.0),
+                                        _per_plane(rstd, N, C, 1.0), weight,
+                                        bool(use_input_stats), nt)
+    if weight is None:
+        return dx, None, None
+    cdt = V.compute_dtype(x.dtype)
+    return dx, _channel_sums(sum_dy_xhat, N, C, cdt), _channel_sums(sum_dy, N, C, cdt)

@@ -1,0 +1,324 @@
+"""InstanceNorm1d/2d/3d: parameters, running statistics, momentum, train/eval, state_dict.
+
+A thin layer over :mod:`cinstnorm.functional`: it validates, calls the kernels, and only then
+changes its own state, so a call that raises leaves the module exactly as it was.
+
+Thread safety: calls on *different* module objects may run concurrently from several Python
+threads (the kernels release the GIL). A single module object is not thread-safe for training:
+``forward`` updates running statistics and saves tensors for ``backward``; guard it with a lock
+or give each thread its own module.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+
+from . import _validation as V
+from .functional import _backward, _forward, _forward_fixed, _running_update
+from ._config import resolve_threads
+
+__all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "StateDictKeyError"]
+
+
+class StateDictKeyError(KeyError, RuntimeError):
+    """Missing or unexpected keys in ``load_state_dict(strict=True)``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StateDictShapeError(ValueError, RuntimeError):
+    """A ``load_state_dict`` value whose shape does not match the module's."""
+
+
+def _as_host_array(value) -> np.ndarray:
+    """A state_dict value as an ndarray: NumPy, lists, torch tensors (detached, on the CPU)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class _InstanceNorm:
+    """Common body of InstanceNorm1d/2d/3d; subclasses set ``_dims`` (unbatched, batched)."""
+
+    _dims: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, device=None,
+                 dtype=None, *, bias: bool = True) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 0:
+            raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
+        if device not in (None, "cpu"):
+            raise ValueError(f"device {device!r} is not supported by this build: use None or 'cpu'")
+        self.num_features = int(num_features)
+        self.eps = V.check_eps(eps)
+        self.momentum = V.check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = np.dtype(np.float32 if dtype is None else dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype {self.dtype} is not supported: use float32 or float64")
+        C = self.num_features
+        self.weight = np.ones(C, self.dtype) if self.affine else None
+        self.bias = np.zeros(C, self.dtype) if self.affine and bias else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, self.dtype)
+            self.running_var = np.ones(C, self.dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.weight_grad = None
+        self.bias_grad = None
+        self.training = True
+        self._saved = None
+
+    # ---- mode and parameters --------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Set training mode (instance statistics; running statistics updated). Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode (running statistics when tracked). Returns self."""
+        return self.train(False)
+
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset; weight = 1 and bias = 0 (in place)."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
+
+    def zero_grad(self) -> None:
+        """Forget accumulated gradients (weight_grad and bias_grad become None)."""
+        self.weight_grad = None
+        self.bias_grad = None
+
+    # ---- forward / backward -----------------------------------------------------------------
+
+    def _batched(self, x: np.ndarray) -> np.ndarray:
+        return x[np.newaxis] if x.ndim == self._dims[0] else x
+
+    def forward(self, x, *, n_threads: Optional[int] = None) -> np.ndarray:
+        """Normalize x ((C, *spatial) or (N, C, *spatial)); saves what backward needs.
+
+        In training mode (or without running statistics) each plane is normalized by its own
+        statistics, and tracked running statistics are updated with ``momentum`` (None: the
+        cumulative average ``1/num_batches_tracked``). In eval mode with running statistics
+        those are used and nothing is updated.
+        """
+        x = V.as_input(x)
+        V.check_module_input(x, self._dims, self.num_features, self.affine,
+                             self.track_running_stats)
+        V.check_module_dtype(x.dtype, self.dtype)
+        xb = self._batched(x)
+        use_input_stats = self.training or not self.track_running_stats
+        V.check_spatial(xb.shape, use_input_stats)
+        nt = resolve_threads(n_threads)
+        if use_input_stats:
+            y, mean_p, var_p, rstd_p = _forward(xb, self.weight, self.bias, self.eps, nt)
+            if self.training and self.track_running_stats and xb.size > 0:
+                self._update_running(mean_p, var_p, xb.shape)
+            self._saved = (xb, mean_p, rstd_p, True)
+        else:
+            rm = self.running_mean.astype(np.float64)
+            rv = self.running_var.astype(np.float64)
+            y = _forward_fixed(xb, rm, rv, self.weight, self.bias, self.eps, nt)
+            N, C = xb.shape[:2]
+            mean_p = np.broadcast_to(rm, (N, C)).ravel()
+            rstd_p = np.broadcast_to(1.0 / np.sqrt(rv + self.eps), (N, C)).ravel()
+            self._saved = (xb, mean_p, rstd_p, False)
+        return y[0] if x.ndim == self._dims[0] else y
+
+    __call__ = forward
+
+    def _update_running(self, mean_p, var_p, shape) -> None:
+        count = self.num_batches_tracked + 1
+        factor = 1.0 / count if self.momentum is None else self.momentum
+        _running_update(self.running_mean, self.running_var, mean_p, var_p, shape, factor)
+        self.num_batches_tracked = count
+
+    def backward(self, dy, *, n_threads: Optional[int] = None) -> np.ndarray:
+        """Gradient with respect to the last forward's input.
+
+        Accumulates ``weight_grad`` / ``bias_grad`` (when affine) like torch's ``.grad``.
+        The last forward's input is referenced, not copied: modifying it in place before
+        calling backward changes the result.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward called before forward")
+        xb, mean_p, rstd_p, use_input_stats = self._saved
+        dy = V.as_input(dy, "dy")
+        unbatched = dy.ndim == self._dims[0]
+        dyb = dy[np.newaxis] if unbatched else dy
+        V.check_same(dyb, xb, "dy" + (" (unbatched)" if unbatched else ""))
+        nt = resolve_threads(n_threads)
+        dx, sum_dy, sum_dy_xhat = _backward(dyb, xb, mean_p, rstd_p, self.weight,
+                                            use_input_stats, nt)
+        N, C = xb.shape[:2]
+        if self.weight is not None:
+            gw = sum_dy_xhat.reshape(N, C).sum(axis=0)
+            self.weight_grad = (gw if self.weight_grad is None else self.weight_grad + gw
+                                ).astype(self.dtype)
+        if self.bias is not None:
+            gb = sum_dy.reshape(N, C).sum(axis=0)
+            self.bias_grad = (gb if self.bias_grad is None else self.bias_grad + gb
+                              ).astype(self.dtype)
+        return dx[0] if unbatched else dx
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _state_items(self):
+        items = []
+        if self.weight is not None:
+            items.append(("weight", self.weight))
+        if self.bias is not None:
+            items.append(("bias", self.bias))
+        if self.track_running_stats:
+            items += [("running_mean", self.running_mean), ("running_var", self.running_var)]
+        return items
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Copies of weight, bias, running_mean, running_var, num_batches_tracked (torch's keys).
+
+        Examples
+        --------
+        >>> import cinstnorm as cin
+        >>> list(cin.InstanceNorm2d(3, affine=True, track_running_stats=True).state_dict())
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+        """
+        d = OrderedDict((k, v.copy()) for k, v in self._state_items())
+        if self.track_running_stats:
+            d["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return d
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Load weight/bias/running statistics (NumPy arrays, lists or torch tensors).
+
+        All or nothing: every value is checked before anything is written. With ``strict``,
+        missing or unexpected keys raise :class:`StateDictKeyError` (a KeyError and a
+        RuntimeError); a shape mismatch always raises :class:`StateDictShapeError`.
+        A missing ``num_batches_tracked`` keeps the current count (old torch checkpoints).
+        """
+        targets = dict(self._state_items())
+        expected = list(targets) + (["num_batches_tracked"] if self.track_running_stats else [])
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and (missing or unexpected):
+            raise StateDictKeyError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: "
+                f"missing keys: {missing}, unexpected keys: {unexpected}"
+            )
+        staged = {}
+        for k, dest in targets.items():
+            if k not in state_dict:
+                continue
+            v = _as_host_array(state_dict[k])
+            if v.shape != dest.shape:
+                raise StateDictShapeError(
+                    f"size mismatch for {k}: copying a param with shape {v.shape} from "
+                    f"checkpoint, the shape in current module is {dest.shape}."
+                )
+            if v.dtype.kind not in "fiu":
+                raise TypeError(f"{k}: dtype {v.dtype} cannot be loaded into {dest.dtype}")
+            staged[k] = v
+        count = None
+        if self.track_running_stats and "num_batches_tracked" in state_dict:
+            c = _as_host_array(state_dict["num_batches_tracked"])
+            if c.size != 1 or c.dtype.kind not in "iu":
+                raise StateDictShapeError(
+                    f"num_batches_tracked must be a single integer, got {c.dtype} shape {c.shape}"
+                )
+            count = int(c.reshape(()))
+        for k, v in staged.items():
+            targets[k][...] = v
+        if count is not None:
+            self.num_batches_tracked = count
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance normalization over (N, C, L) or (C, L) input, like ``torch.nn.InstanceNorm1d``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float
+        Added to the variance.
+    momentum : float or None
+        Running-statistics momentum; None for the cumulative moving average.
+    affine : bool
+        Learnable per-channel weight (ones) and bias (zeros).
+    track_running_stats : bool
+        Keep running mean/variance, used in eval mode.
+    device : None or "cpu"
+    dtype : float32 (default) or float64
+    bias : bool, keyword only
+        With ``affine``, False leaves out the bias (scale only).
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> m = cin.InstanceNorm1d(4, affine=True)
+    >>> m(np.random.default_rng(0).normal(size=(2, 4, 16)).astype(np.float32)).shape
+    (2, 4, 16)
+    """
+
+    _dims = (2, 3)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance normalization over (N, C, H, W) or (C, H, W), like ``torch.nn.InstanceNorm2d``.
+
+    Parameters are those of :class:`InstanceNorm1d`.
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> m = cin.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    >>> x = np.random.default_rng(0).normal(5, 10, size=(2, 3, 8, 8)).astype(np.float32)
+    >>> y = m(x)
+    >>> dx = m.backward(np.ones_like(y))
+    >>> m
+    InstanceNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    >>> m.num_batches_tracked, m.bias_grad.tolist()
+    (1, [128.0, 128.0, 128.0])
+    """
+
+    _dims = (3, 4)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance normalization over (N, C, D, H, W) or (C, D, H, W), like
+    ``torch.nn.InstanceNorm3d``.
+
+    Parameters are those of :class:`InstanceNorm1d`.
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> m = cin.InstanceNorm3d(2, dtype=np.float64)
+    >>> m(np.random.default_rng(0).normal(size=(2, 4, 4, 4))).shape
+    (2, 4, 4, 4)
+    """
+
+    _dims = (4, 5)

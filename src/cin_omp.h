@@ -1,0 +1,17 @@
+/* OpenMP runtime calls with a serial fallback, so a build without OpenMP still compiles
+ * and reports one thread. */
+#ifndef CIN_OMP_H
+#define CIN_OMP_H
+#ifdef _OPENMP
+#include <omp.h>
+#define CIN_HAVE_OPENMP 1
+#define CIN_OPENMP_VERSION _OPENMP
+#else
+#define CIN_HAVE_OPENMP 0
+#define CIN_OPENMP_VERSION 0
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+static inline void omp_set_num_threads(int n) { (void)n; }
+#endif
+#endif

@@ -1,0 +1,134 @@
+/* Template body of the inner loops; included by cinstnorm_kernels.h with CIN_T (element type)
+ * and CIN_SUFFIX (_f or _d) defined.  No include guard on purpose. */
+
+#define CIN_CAT_(a, b) a##b
+#define CIN_CAT(a, b) CIN_CAT_(a, b)
+#define CIN_FN(name) CIN_CAT(name, CIN_SUFFIX)
+#define CIN_LANES ((int)(CIN_ACC_BYTES / sizeof(CIN_T)))
+
+/* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
+static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
+                                            CIN_T *s1, CIN_T *s2)
+{
+    CIN_T a[CIN_LANES], q[CIN_LANES];
+    for (int j = 0; j < CIN_LANES; j++) { a[j] = 0; q[j] = 0; }
+    ptrdiff_t i = 0;
+    for (; i + CIN_LANES <= n; i += CIN_LANES) {
+#pragma omp simd
+        for (int j = 0; j < CIN_LANES; j++) {
+            CIN_T d = x[i + j] - k;
+            a[j] += d;
+            q[j] += d * d;
+        }
+    }
+    CIN_T ta = 0, tq = 0;
+    for (; i < n; i++) {
+        CIN_T d = x[i] - k;
+        ta += d;
+        tq += d * d;
+    }
+    for (int j = 0; j < CIN_LANES; j++) { ta += a[j]; tq += q[j]; }
+    *s1 = ta;
+    *s2 = tq;
+}
+
+/* Plain sum of n elements in CIN_T (used once per chunk to pick the shift). */
+static inline CIN_T CIN_FN(cin_sum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n)
+{
+    CIN_T a[CIN_LANES];
+    for (int j = 0; j < CIN_LANES; j++) a[j] = 0;
+    ptrdiff_t i = 0;
+    for (; i + CIN_LANES <= n; i += CIN_LANES) {
+#pragma omp simd
+        for (int j = 0; j < CIN_LANES; j++) a[j] += x[i + j];
+    }
+    CIN_T t = 0;
+    for (; i < n; i++) t += x[i];
+    for (int j = 0; j < CIN_LANES; j++) t += a[j];
+    return t;
+}
+
+/* Count-weighted statistics of n contiguous elements: *mean and *m2 = sum((x - mean)^2).
+ * Blocks of CIN_BLOCK elements are summed around a shift k close to the mean (the first
+ * block's plain mean, then the running mean), turned into (count, mean, M2) in double and
+ * merged with Chan's formula. */
+static inline void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
+                                           double *mean, double *m2)
+{
+    double cnt = 0.0, mu = 0.0, acc = 0.0;
+    if (n <= 0) { *mean = 0.0; *m2 = 0.0; return; }
+    ptrdiff_t first = n < CIN_BLOCK ? n : CIN_BLOCK;
+    CIN_T k = (CIN_T)((double)CIN_FN(cin_sum)(x, first) / (double)first);
+    for (ptrdiff_t b = 0; b < n; b += CIN_BLOCK) {
+        ptrdiff_t nb = n - b < CIN_BLOCK ? n - b : CIN_BLOCK;
+        CIN_T s1, s2;
+        CIN_FN(cin_shifted_sums)(x + b, nb, k, &s1, &s2);
+        double dm = (double)s1 / (double)nb;
+        double bm2 = (double)s2 - (double)s1 * dm;
+        if (bm2 < 0.0) bm2 = 0.0;
+        cin_chan_merge(&cnt, &mu, &acc, (double)nb, (double)k + dm, bm2);
+        k = (CIN_T)mu;
+    }
+    *mean = mu;
+    *m2 = acc;
+}
+
+/* y = (x - k) * alpha + beta.  With k the plane mean rounded to CIN_T, x - k is exact for
+ * x near the mean, which avoids the cancellation of the usual x * alpha + (beta - mean * alpha).
+ * x and y may be the same array (in place); omp simd asserts no loop-carried dependence. */
+static inline void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
+                                         CIN_T k, CIN_T alpha, CIN_T beta)
+{
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < n; i++) y[i] = (x[i] - k) * alpha + beta;
+}
+
+/* Backward sums over n elements: *sdy += sum(dy), *sdyx += sum(dy * (x - k)), accumulated in
+ * CIN_T inside blocks and in double across blocks. */
+static inline void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
+                                             const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
+                                             double *sdy, double *sdyx)
+{
+    double tot_g = 0.0, tot_gx = 0.0;
+    for (ptrdiff_t b = 0; b < n; b += CIN_BLOCK) {
+        ptrdiff_t nb = n - b < CIN_BLOCK ? n - b : CIN_BLOCK;
+        const CIN_T *g = dy + b, *v = x + b;
+        CIN_T a[CIN_LANES], q[CIN_LANES];
+        for (int j = 0; j < CIN_LANES; j++) { a[j] = 0; q[j] = 0; }
+        ptrdiff_t i = 0;
+        for (; i + CIN_LANES <= nb; i += CIN_LANES) {
+#pragma omp simd
+            for (int j = 0; j < CIN_LANES; j++) {
+                a[j] += g[i + j];
+                q[j] += g[i + j] * (v[i + j] - k);
+            }
+        }
+        CIN_T ta = 0, tq = 0;
+        for (; i < nb; i++) { ta += g[i]; tq += g[i] * (v[i] - k); }
+        for (int j = 0; j < CIN_LANES; j++) { ta += a[j]; tq += q[j]; }
+        tot_g += (double)ta;
+        tot_gx += (double)tq;
+    }
+    *sdy = tot_g;
+    *sdyx = tot_gx;
+}
+
+/* dx = a * dy + b * (x - k) + c  (the input-statistics gradient, rearranged per plane). */
+static inline void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx,
+                                           ptrdiff_t n, CIN_T k, CIN_T a, CIN_T b, CIN_T c)
+{
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < n; i++) dx[i] = a * dy[i] + b * (x[i] - k) + c;
+}
+
+/* dx = a * dy  (fixed running statistics: no gradient through the statistics). */
+static inline void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a)
+{
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < n; i++) dx[i] = a * dy[i];
+}
+
+#undef CIN_LANES
+#undef CIN_FN
+#undef CIN_CAT
+#undef CIN_CAT_

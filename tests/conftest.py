@@ -1,0 +1,33 @@
+"""Shared fixtures for the cinstnorm test suite.
+
+Needs only pytest, numpy and threadpoolctl. torch is optional: the ``torch`` fixture skips the
+tests that use it when it cannot be imported, or fails them when CINSTNORM_REQUIRE_TORCH=1.
+"""
+
+import os
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+# Make tests/reference.py and tests/helpers.py importable whatever pytest's import mode is.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id: fixed across runs, different between tests."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """torch, or a skip (a failure with CINSTNORM_REQUIRE_TORCH=1) when it cannot be imported."""
+    try:
+        import torch as torch_module
+    except ImportError as exc:
+        if os.environ.get("CINSTNORM_REQUIRE_TORCH") == "1":
+            pytest.fail(f"CINSTNORM_REQUIRE_TORCH=1 but torch cannot be imported: {exc}")
+        pytest.skip(f"torch not importable: {exc}")
+    return torch_module

@@ -31,13 +31,19 @@ def _planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0] * x.shape[1], -1)
 
 
-def _target(shape, dtype: np.dtype, out: Optional[np.ndarray], x2: np.ndarray) -> np.ndarray:
-    """The array the kernel writes: `out` itself when it can (including out is x), else new."""
-    if out is not None and out.dtype == dtype and out.flags.c_contiguous:
+def _target(x: np.ndarray, x2: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    """The array the kernel writes, shaped like x.
+
+    `out` itself when it can take the kernel's output (including out is x); else x2 when it is
+    a private copy of x (the kernels work in place, which saves an x-sized allocation); else new.
+    """
+    if out is not None and out.dtype == x2.dtype and out.flags.c_contiguous:
         same_buffer = out.ctypes.data == x2.ctypes.data
         if same_buffer or not np.may_share_memory(out, x2):
             return out
-    return np.empty(shape, dtype)
+    if not np.may_share_memory(x2, x):
+        return x2.reshape(x.shape)
+    return np.empty(x.shape, x2.dtype)
 
 
 def _finish(result: np.ndarray, like: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
@@ -69,7 +75,7 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
         return _empty_like_input(x, out), mean, var, rstd
     cdt = V.compute_dtype(x.dtype)
     x2 = _planes(x, cdt)
-    y = _target(x.shape, cdt, out, x2)
+    y = _target(x, x2, out)
     _cpu.forward_train(x2, y.reshape(P, -1), _per_plane(weight, N, C, 1.0),
                        _per_plane(bias, N, C, 0.0), eps, mean, var, rstd, n_threads)
     return _finish(y, x, out), mean, var, rstd
@@ -82,7 +88,7 @@ def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=N
     N, C = x.shape[:2]
     cdt = V.compute_dtype(x.dtype)
     x2 = _planes(x, cdt)
-    y = _target(x.shape, cdt, out, x2)
+    y = _target(x, x2, out)
     rstd = 1.0 / np.sqrt(_per_plane(var, N, C, 1.0) + eps)
     _cpu.normalize(x2, y.reshape(N * C, -1), _per_plane(mean, N, C, 0.0), rstd,
                    _per_plane(weight, N, C, 1.0), _per_plane(bias, N, C, 0.0), n_threads)
@@ -98,7 +104,7 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     cdt = V.compute_dtype(x.dtype)
     x2 = _planes(x, cdt)
     dy2 = _planes(dy, cdt)
-    dx = np.empty(x.shape, cdt)
+    dx = _target(dy, dy2, None)
     sum_dy, sum_dy_xhat = np.empty(P), np.empty(P)
     _cpu.backward(dy2, x2, mean_p, rstd_p, _per_plane(weight, N, C, 1.0), dx.reshape(P, -1),
                   sum_dy, sum_dy_xhat, use_input_stats, n_threads)

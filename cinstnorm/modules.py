@@ -249,7 +249,8 @@ class _InstanceNorm:
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -299,7 +300,7 @@ class InstanceNorm2d(_InstanceNorm):
     >>> y = m(x)
     >>> dx = m.backward(np.ones_like(y))
     >>> m
-    InstanceNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    InstanceNorm2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
     >>> m.num_batches_tracked, m.bias_grad.tolist()
     (1, [128.0, 128.0, 128.0])
     """

@@ -30,4 +30,7 @@ def torch():
         if os.environ.get("CINSTNORM_REQUIRE_TORCH") == "1":
             pytest.fail(f"CINSTNORM_REQUIRE_TORCH=1 but torch cannot be imported: {exc}")
         pytest.skip(f"torch not importable: {exc}")
+    # torch's own OpenMP pool spinning beside cinstnorm's on a small machine slows both a lot;
+    # parity is about numbers, so torch runs single-threaded
+    torch_module.set_num_threads(1)
     return torch_module

@@ -56,30 +56,34 @@ def test_module_modes_sequence(rng, dim, batched, dtype, affine, track, momentum
     assert m.training is True
     _assert_state(m, model, dtype)
 
-    for step, mode in enumerate(SEQUENCE):
-        assert (m.train() if mode == "train" else m.eval()) is m
-        model.training = mode == "train"
-        assert m.training is model.training
-        n = 2 + step % 2
-        shape = ((n, c) if batched else (c,)) + SPATIAL[dim]
-        x = make_x(rng, shape, dtype)
-        dy = make_x(rng, shape, dtype, spread=1.0)
-        x_copy, dy_copy = x.copy(), dy.copy()
-        xb, dyb = (x, dy) if batched else (x[None], dy[None])
-        with threadpool_limits(limits=threads, user_api="openmp"):
-            y = m(x)
-            dx = m.backward(dy)
-        assert y.shape == x.shape and y.dtype == x.dtype
-        assert dx.shape == x.shape and dx.dtype == x.dtype
-        y_ref = model.forward(xb)
-        dx_ref = model.backward(dyb)
-        if not batched:
-            y_ref, dx_ref = y_ref[0], dx_ref[0]
-        assert_close(y, y_ref, err_msg=f"y at step {step} ({mode})")
-        assert_close(dx, dx_ref, grad=True, err_msg=f"dx at step {step} ({mode})")
-        _assert_state(m, model, dtype)
-        np.testing.assert_array_equal(x, x_copy)
-        np.testing.assert_array_equal(dy, dy_copy)
+    with threadpool_limits(limits=threads, user_api="openmp"):
+        for step, mode in enumerate(SEQUENCE):
+            _sequence_step(rng, m, model, step, mode, (c,) + SPATIAL[dim], batched, dtype)
+
+
+def _sequence_step(rng, m, model, step, mode, shape, batched, dtype):
+    assert (m.train() if mode == "train" else m.eval()) is m
+    model.training = mode == "train"
+    assert m.training is model.training
+    if batched:
+        shape = (2 + step % 2,) + shape
+    x = make_x(rng, shape, dtype)
+    dy = make_x(rng, shape, dtype, spread=1.0)
+    x_copy, dy_copy = x.copy(), dy.copy()
+    xb, dyb = (x, dy) if batched else (x[None], dy[None])
+    y = m(x)
+    dx = m.backward(dy)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    y_ref = model.forward(xb)
+    dx_ref = model.backward(dyb)
+    if not batched:
+        y_ref, dx_ref = y_ref[0], dx_ref[0]
+    assert_close(y, y_ref, err_msg=f"y at step {step} ({mode})")
+    assert_close(dx, dx_ref, grad=True, err_msg=f"dx at step {step} ({mode})")
+    _assert_state(m, model, dtype)
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(dy, dy_copy)
 
 
 def test_forward_is_call(rng):
@@ -400,6 +404,7 @@ def test_float16_input_to_float32_module(rng):
     assert dx.dtype == np.float16
     assert_close(dx, model.backward(dy), grad=True)
     m.eval()
+    model.training = False
     x2 = make_x(rng, (3, 5, 5), np.float16)
     y2 = m(x2)
     assert y2.dtype == np.float16 and y2.shape == x2.shape

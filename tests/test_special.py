@@ -48,11 +48,9 @@ def test_zero_size_backward(rng, shape):
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
-@pytest.mark.parametrize("zero_axis", ["batch", "spatial"])
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("zero_axis, batched", [("batch", True), ("spatial", True),
+                                                ("spatial", False)])
 def test_zero_size_module_leaves_running_stats(rng, dim, zero_axis, batched):
-    if zero_axis == "batch" and not batched:
-        pytest.skip("an unbatched input has no batch axis")
     m = CLASSES[dim](3, affine=True, track_running_stats=True, dtype=np.float64)
     m(make_x(rng, (2, 3) + (4,) * dim))
     rm, rv = m.running_mean.copy(), m.running_var.copy()

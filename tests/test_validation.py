@@ -10,7 +10,7 @@ import pytest
 
 import cinstnorm as cin
 import reference as ref
-from helpers import Snapshot, assert_close, make_affine, make_x
+from helpers import Snapshot, assert_close, make_x
 
 CLASSES = {1: cin.InstanceNorm1d, 2: cin.InstanceNorm2d, 3: cin.InstanceNorm3d}
 RANKS = {1: (2, 3), 2: (3, 4), 3: (4, 5)}

@@ -10,6 +10,7 @@ from .common import (
     backward_inputs,
     import_torch,
     random_input,
+    warm_up_once,
 )
 
 
@@ -34,6 +35,7 @@ class TorchForward(_TorchBenchmark):
     def setup(self, shape, dtype, n_threads):
         super().setup(shape, dtype, n_threads)
         self.x = self.torch.from_numpy(random_input(shape, dtype))
+        warm_up_once("torch forward", lambda: self.time_forward(shape, dtype, n_threads))
 
     def time_forward(self, shape, dtype, n_threads):
         with self.torch.no_grad():
@@ -52,6 +54,9 @@ class TorchForwardBackward(_TorchBenchmark):
         self.dy = self.torch.from_numpy(dy)
         self.weight.requires_grad_()
         self.bias.requires_grad_()
+        warm_up_once(
+            "torch forward_backward", lambda: self.time_forward_backward(shape, dtype, n_threads)
+        )
 
     def time_forward_backward(self, shape, dtype, n_threads):
         y = self.torch.nn.functional.instance_norm(

@@ -108,6 +108,21 @@ def module_class(shape_name):
     return {1: cin.InstanceNorm1d, 2: cin.InstanceNorm2d, 3: cin.InstanceNorm3d}[spatial_dims]
 
 
+_WARMED = set()
+
+
+def warm_up_once(key, fn):
+    """Call ``fn`` the first time ``key`` is seen in this process.
+
+    A process's first call pays one-off costs (thread-pool start, torch's lazy initialisation
+    and autograd engine, up to ~1 s) that ``--quick`` runs, which time a single call, would
+    otherwise report as the benchmark's time.
+    """
+    if key not in _WARMED:
+        fn()
+        _WARMED.add(key)
+
+
 def import_torch():
     """torch, or NotImplementedError (asv's "skip this benchmark") when it is not installed."""
     try:

@@ -16,11 +16,14 @@ import platform
 import sys
 
 from . import _cpu
-from ._config import available_cores, get_num_threads, set_num_threads
+from ._config import (available_cores, configure_kernels_from_env, get_num_threads,
+                      set_num_threads)
 from .functional import instance_norm, instance_norm_backward, instance_norm_forward
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, StateDictKeyError
 
 __version__ = "0.1.0"
+
+configure_kernels_from_env()
 
 __all__ = [
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
@@ -53,6 +56,8 @@ def config() -> dict:
         "cores_available": available_cores(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "simd_path": _cpu.simd_path(),
+        "simd_supported": ", ".join(_cpu.simd_supported()),
+        "stream_stores_above_bytes": _cpu.stream_min_bytes(),
         "compiler_flags": _cpu.build_flags(),
         "bounds_checking": _cpu.bounds_checking(),
     }

@@ -3,11 +3,57 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from typing import Optional
 
 from . import _cpu
 
 _user_threads: Optional[int] = None
+
+DEFAULT_LLC_BYTES = 32 * 1024 * 1024
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the last-level cache (L3, else L2) as the OS reports it, else 32 MiB."""
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            size = os.sysconf(name)
+        except (ValueError, OSError, AttributeError):
+            size = 0
+        if size and size > 0:
+            return int(size)
+    for index in (3, 2):
+        path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+        if text and text[-1] in units and text[:-1].isdigit():
+            return int(text[:-1]) * units[text[-1]]
+    return DEFAULT_LLC_BYTES
+
+
+def configure_kernels_from_env() -> None:
+    """Apply CINSTNORM_SIMD (auto|baseline|avx2|avx512) and CINSTNORM_STREAM_MIN_BYTES.
+
+    Streaming (non-temporal) stores are used for outputs larger than the last-level cache by
+    default: below that, the output is better left in cache for whoever reads it next.
+    """
+    want = os.environ.get("CINSTNORM_SIMD", "auto").strip().lower() or "auto"
+    try:
+        _cpu.select_simd(want)
+    except ValueError as exc:
+        warnings.warn(f"CINSTNORM_SIMD: {exc}; using auto", RuntimeWarning, stacklevel=2)
+        _cpu.select_simd("auto")
+    stream = os.environ.get("CINSTNORM_STREAM_MIN_BYTES", "").strip()
+    try:
+        _cpu.set_stream_min_bytes(int(stream) if stream else last_level_cache_bytes())
+    except ValueError:
+        warnings.warn(f"CINSTNORM_STREAM_MIN_BYTES={stream!r} is not an integer; ignored",
+                      RuntimeWarning, stacklevel=2)
+        _cpu.set_stream_min_bytes(last_level_cache_bytes())
 
 
 def available_cores() -> int:

@@ -30,25 +30,27 @@ cdef extern from "cin_omp.h" nogil:
     int CIN_OPENMP_VERSION
 
 cdef extern from "cinstnorm_kernels.h" nogil:
-    const char *CIN_SIMD_NAME
+    int cin_isa_supported()
+    int cin_select_isa(int want)
+    const char *cin_isa_name()
     void cin_chan_merge(double *n, double *mean, double *m2, double n_b, double mean_b,
                         double m2_b)
     void cin_chunk_stats_f(const float *x, Py_ssize_t n, double *mean, double *m2)
     void cin_chunk_stats_d(const double *x, Py_ssize_t n, double *mean, double *m2)
     void cin_normalize_f(const float *x, float *y, Py_ssize_t n, float k, float alpha,
-                         float beta)
+                         float beta, int stream)
     void cin_normalize_d(const double *x, double *y, Py_ssize_t n, double k, double alpha,
-                         double beta)
+                         double beta, int stream)
     void cin_backward_sums_f(const float *dy, const float *x, Py_ssize_t n, float k,
                              double *sdy, double *sdyx)
     void cin_backward_sums_d(const double *dy, const double *x, Py_ssize_t n, double k,
                              double *sdy, double *sdyx)
     void cin_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t n, float k,
-                           float a, float b, float c)
+                           float a, float b, float c, int stream)
     void cin_backward_dx_d(const double *dy, const double *x, double *dx, Py_ssize_t n,
-                           double k, double a, double b, double c)
-    void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a)
-    void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a)
+                           double k, double a, double b, double c, int stream)
+    void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a, int stream)
+    void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a, int stream)
 
 cdef extern from *:
     """
@@ -95,6 +97,14 @@ cdef Py_ssize_t _chunks_per_plane(Py_ssize_t P, Py_ssize_t L, Py_ssize_t itemsiz
     return k if k > 1 else 1
 
 
+cdef Py_ssize_t _stream_min_bytes = 32 * 1024 * 1024
+
+
+cdef inline int _use_streaming_stores(Py_ssize_t out_bytes) noexcept nogil:
+    """Non-temporal stores pay off only for outputs that do not fit in the last-level cache."""
+    return 1 if out_bytes > _stream_min_bytes else 0
+
+
 cdef inline Py_ssize_t _chunk_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) noexcept nogil:
     if j >= k:
         return L
@@ -112,15 +122,15 @@ cdef inline void _stats(const floating *x, Py_ssize_t n, double *mean,
 
 
 cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
-                            double rstd, double w, double b) noexcept nogil:
+                            double rstd, double w, double b, int stream) noexcept nogil:
     """y = (x - mean) * rstd * w + b, evaluated as (x - k) * alpha + beta with k ~ mean."""
     cdef floating k = <floating>mean
     cdef double alpha = rstd * w
     cdef double beta = b - (mean - <double>k) * alpha
     if floating is float:
-        cin_normalize_f(x, y, n, k, <float>alpha, <float>beta)
+        cin_normalize_f(x, y, n, k, <float>alpha, <float>beta, stream)
     else:
-        cin_normalize_d(x, y, n, k, alpha, beta)
+        cin_normalize_d(x, y, n, k, alpha, beta, stream)
 
 
 cdef inline void _bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,
@@ -136,23 +146,23 @@ cdef inline void _bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, 
 
 cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
                          double mean, double rstd, double w, double sdy, double sdyc,
-                         double inv_count, bint use_input_stats) noexcept nogil:
+                         double inv_count, bint use_input_stats, int stream) noexcept nogil:
     """dx of one chunk from its plane's sums (see SPEC.md, Backward)."""
     cdef floating k = <floating>mean
     cdef double a = w * rstd
     cdef double b, c
     if not use_input_stats:
         if floating is float:
-            cin_scale_f(dy, dx, n, <float>a)
+            cin_scale_f(dy, dx, n, <float>a, stream)
         else:
-            cin_scale_d(dy, dx, n, a)
+            cin_scale_d(dy, dx, n, a, stream)
         return
     b = -a * rstd * rstd * sdyc * inv_count
     c = -a * sdy * inv_count + b * (<double>k - mean)
     if floating is float:
-        cin_backward_dx_f(dy, x, dx, n, k, <float>a, <float>b, <float>c)
+        cin_backward_dx_f(dy, x, dx, n, k, <float>a, <float>b, <float>c, stream)
     else:
-        cin_backward_dx_d(dy, x, dx, n, k, a, b, c)
+        cin_backward_dx_d(dy, x, dx, n, k, a, b, c, stream)
 
 
 # ---- drivers ------------------------------------------------------------------------------
@@ -169,6 +179,7 @@ def forward_train(const floating[:, ::1] x,     # IN  (P, L)
     """Instance statistics of every plane, then y normalized with them."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L, cnt, m, m2
     cdef double[::1] cmean, cm2
@@ -179,7 +190,7 @@ def forward_train(const floating[:, ::1] x,     # IN  (P, L)
                 _stats(&x[p, 0], L, &mean[p], &var[p])
                 var[p] = var[p] * inv_l
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
-                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], weight[p], bias[p])
+                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], weight[p], bias[p], stream)
         return
     cmean = np.empty(P * k, dtype=np.float64)
     cm2 = np.empty(P * k, dtype=np.float64)
@@ -208,7 +219,7 @@ def forward_train(const floating[:, ::1] x,     # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p])
+            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p], stream)
 
 
 def normalize(const floating[:, ::1] x,         # IN  (P, L)
@@ -221,6 +232,7 @@ def normalize(const floating[:, ::1] x,         # IN  (P, L)
     """y = (x - mean) * rstd * weight + bias with given per-plane statistics."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
@@ -229,7 +241,7 @@ def normalize(const floating[:, ::1] x,         # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p])
+            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p], stream)
 
 
 def backward(const floating[:, ::1] dy,         # IN  (P, L)
@@ -245,6 +257,7 @@ def backward(const floating[:, ::1] dy,         # IN  (P, L)
     """dx and the per-plane sums that dweight/dbias reduce from."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L, sg, sc
     cdef double[::1] cg, cc
@@ -254,7 +267,7 @@ def backward(const floating[:, ::1] dy,         # IN  (P, L)
             for p in prange(P, schedule='static'):
                 _bwd_sums(&dy[p, 0], &x[p, 0], L, mean[p], &sum_dy[p], &sum_dy_xhat[p])
                 _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, mean[p], rstd[p], weight[p],
-                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats)
+                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
                 sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
         return
     cg = np.empty(P * k, dtype=np.float64)
@@ -281,7 +294,7 @@ def backward(const floating[:, ::1] dy,         # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, mean[p], rstd[p], weight[p],
-                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats)
+                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
         for p in prange(P, schedule='static'):
             sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
 
@@ -309,8 +322,36 @@ def threads_used_last_call():
 
 
 def simd_path():
-    """The instruction set the inner loops were compiled for."""
-    return CIN_SIMD_NAME.decode()
+    """The instruction set of the inner loops that run now."""
+    return cin_isa_name().decode()
+
+
+_ISA_LEVELS = {"baseline": 0, "avx2": 1, "avx512": 2}
+
+
+def simd_supported():
+    """The SIMD paths this CPU can run, in order."""
+    bits = cin_isa_supported()
+    return [name for name, level in _ISA_LEVELS.items() if bits & (1 << level)]
+
+
+def select_simd(name):
+    """Run the inner loops with `name` ('auto', 'baseline', 'avx2', 'avx512'), capped by what
+    the CPU supports; returns the path now in use."""
+    if name not in ("auto",) + tuple(_ISA_LEVELS):
+        raise ValueError(f"unknown SIMD path {name!r}: use auto, baseline, avx2 or avx512")
+    cin_select_isa(-1 if name == "auto" else _ISA_LEVELS[name])
+    return simd_path()
+
+
+def set_stream_min_bytes(Py_ssize_t nbytes):
+    """Outputs larger than this use non-temporal (streaming) stores."""
+    global _stream_min_bytes
+    _stream_min_bytes = max(0, nbytes)
+
+
+def stream_min_bytes():
+    return int(_stream_min_bytes)
 
 
 def build_flags():

@@ -1,18 +1,22 @@
-/* SIMD inner loops of cinstnorm, instantiated for float and double.
+/* SIMD inner loops of cinstnorm, instantiated for float and double and, on x86-64 with gcc or
+ * clang, for three instruction sets chosen at run time.
  *
  * Cython cannot emit `#pragma omp simd`, and gcc does not vectorize a floating-point reduction
- * without reassociation, so the hot loops live here as small static inline functions that the
- * Cython drivers call under nogil.  Reductions use CIN_LANES independent accumulators (several
- * SIMD registers' worth) so they are throughput bound rather than latency bound.
+ * without reassociation, so the hot loops live here as small functions that the Cython drivers
+ * call under nogil.  Reductions use CIN_LANES independent accumulators (four vector registers'
+ * worth) so they are throughput bound rather than latency bound.
  *
- * Names: cin_<op>_f (float) and cin_<op>_d (double); the bodies live once in
- * cinstnorm_kernels_impl.h, included twice with CIN_T / CIN_SUFFIX defined.
+ * Layout of the code: cinstnorm_kernels_impl.h holds each loop once; cin_isa.h instantiates it
+ * for float and double under one instruction set; this file includes cin_isa.h once per ISA
+ * (baseline, then AVX2+FMA and AVX-512F inside `#pragma GCC target` regions) and keeps a table
+ * of function pointers that cin_select_isa() fills.  The public entry points cin_<op>_<f|d>
+ * call through that table.
  */
 #ifndef CINSTNORM_KERNELS_H
 #define CINSTNORM_KERNELS_H
 
 #include <stddef.h>
-#include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #if defined(_MSC_VER)
@@ -21,33 +25,16 @@
 #define CIN_RESTRICT __restrict__
 #endif
 
-/* Bytes of accumulators per reduction: four vector registers of the widest ISA compiled for. */
-#if defined(__AVX512F__)
-#define CIN_VEC_BYTES 64
-#elif defined(__AVX__)
-#define CIN_VEC_BYTES 32
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define CIN_X86_DISPATCH 1
+#include <immintrin.h>
 #else
-#define CIN_VEC_BYTES 16
+#define CIN_X86_DISPATCH 0
 #endif
-#define CIN_ACC_BYTES (4 * CIN_VEC_BYTES)
 
 /* Elements per statistics block: partial sums stay in the input precision inside a block and
  * are merged across blocks in double (Chan et al.), which bounds float32 rounding growth. */
 #define CIN_BLOCK 1024
-
-#if defined(__AVX512F__)
-#define CIN_SIMD_NAME "avx512f"
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CIN_SIMD_NAME "avx2+fma"
-#elif defined(__AVX__)
-#define CIN_SIMD_NAME "avx"
-#elif defined(__SSE2__) || defined(_M_X64)
-#define CIN_SIMD_NAME "sse2"
-#elif defined(__ARM_NEON)
-#define CIN_SIMD_NAME "neon"
-#else
-#define CIN_SIMD_NAME "scalar"
-#endif
 
 /* Merge a group (n_b, mean_b, m2_b) into the running (n, mean, m2): Chan's parallel formula. */
 static inline void cin_chan_merge(double *n, double *mean, double *m2,
@@ -62,16 +49,148 @@ static inline void cin_chan_merge(double *n, double *mean, double *m2,
     *n = tot;
 }
 
-#define CIN_T float
-#define CIN_SUFFIX _f
-#include "cinstnorm_kernels_impl.h"
-#undef CIN_T
-#undef CIN_SUFFIX
+/* Order earlier non-temporal stores before whatever follows (a no-op without them). */
+static inline void cin_store_fence(void)
+{
+#if CIN_X86_DISPATCH
+    _mm_sfence();
+#endif
+}
 
-#define CIN_T double
-#define CIN_SUFFIX _d
-#include "cinstnorm_kernels_impl.h"
-#undef CIN_T
-#undef CIN_SUFFIX
+/* ---- instantiations ------------------------------------------------------------------------ */
+
+/* Baseline: whatever the compiler targets by default (SSE2 on x86-64, NEON on arm64). */
+#define CIN_ISA base
+#if defined(__AVX512F__)
+#define CIN_VEC_BYTES 64
+#elif defined(__AVX__)
+#define CIN_VEC_BYTES 32
+#else
+#define CIN_VEC_BYTES 16
+#endif
+#if CIN_X86_DISPATCH
+#if CIN_VEC_BYTES == 64
+#define CIN_STREAM_f(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define CIN_STREAM_d(p, v) _mm512_stream_pd((p), (__m512d)(v))
+#elif CIN_VEC_BYTES == 32
+#define CIN_STREAM_f(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define CIN_STREAM_d(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#else
+#define CIN_STREAM_f(p, v) _mm_stream_ps((p), (__m128)(v))
+#define CIN_STREAM_d(p, v) _mm_stream_pd((p), (__m128d)(v))
+#endif
+#endif
+#include "cin_isa.h"
+
+#if CIN_X86_DISPATCH
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define CIN_ISA avx2
+#define CIN_VEC_BYTES 32
+#define CIN_STREAM_f(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define CIN_STREAM_d(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#include "cin_isa.h"
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#define CIN_ISA avx512
+#define CIN_VEC_BYTES 64
+#define CIN_STREAM_f(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define CIN_STREAM_d(p, v) _mm512_stream_pd((p), (__m512d)(v))
+#include "cin_isa.h"
+#pragma GCC pop_options
+#endif
+
+/* ---- run-time dispatch ----------------------------------------------------------------------- */
+
+#define CIN_TABLE_TYPES(T, S)                                                                   \
+    void (*chunk_stats_##S)(const T *, ptrdiff_t, double *, double *);                          \
+    void (*normalize_##S)(const T *, T *, ptrdiff_t, T, T, T, int);                             \
+    void (*backward_sums_##S)(const T *, const T *, ptrdiff_t, T, double *, double *);          \
+    void (*backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, int);             \
+    void (*scale_##S)(const T *, T *, ptrdiff_t, T, int);
+
+typedef struct {
+    const char *name;
+    CIN_TABLE_TYPES(float, f)
+    CIN_TABLE_TYPES(double, d)
+} cin_kernel_table;
+
+#define CIN_TABLE(isa, label)                                                                   \
+    { label,                                                                                    \
+      cin_chunk_stats_f_##isa, cin_normalize_f_##isa, cin_backward_sums_f_##isa,                \
+      cin_backward_dx_f_##isa, cin_scale_f_##isa,                                               \
+      cin_chunk_stats_d_##isa, cin_normalize_d_##isa, cin_backward_sums_d_##isa,                \
+      cin_backward_dx_d_##isa, cin_scale_d_##isa }
+
+#if defined(__AVX512F__)
+#define CIN_BASE_LABEL "baseline (avx512f, compile-time)"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CIN_BASE_LABEL "baseline (avx2+fma, compile-time)"
+#elif defined(__x86_64__)
+#define CIN_BASE_LABEL "baseline (sse2)"
+#elif defined(__ARM_NEON)
+#define CIN_BASE_LABEL "baseline (neon)"
+#else
+#define CIN_BASE_LABEL "baseline (scalar)"
+#endif
+
+static const cin_kernel_table cin_table_base = CIN_TABLE(base, CIN_BASE_LABEL);
+#if CIN_X86_DISPATCH
+static const cin_kernel_table cin_table_avx2 = CIN_TABLE(avx2, "avx2+fma");
+static const cin_kernel_table cin_table_avx512 = CIN_TABLE(avx512, "avx512f");
+#endif
+static const cin_kernel_table *cin_k = &cin_table_base;
+
+/* Which ISAs this CPU runs: bit 0 baseline, bit 1 AVX2+FMA, bit 2 AVX-512F. */
+static int cin_isa_supported(void)
+{
+    int bits = 1;
+#if CIN_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bits |= 2;
+    if ((bits & 2) && __builtin_cpu_supports("avx512f")) bits |= 4;
+#endif
+    return bits;
+}
+
+/* Use ISA level `want` (0 baseline, 1 avx2, 2 avx512, -1 best) capped by what the CPU has;
+ * returns the level chosen. */
+static int cin_select_isa(int want)
+{
+    int bits = cin_isa_supported();
+    int level = 0;
+    if (bits & 2) level = 1;
+    if (bits & 4) level = 2;
+    if (want >= 0 && want < level) level = want;
+#if CIN_X86_DISPATCH
+    cin_k = level == 2 ? &cin_table_avx512 : level == 1 ? &cin_table_avx2 : &cin_table_base;
+#else
+    level = 0;
+    cin_k = &cin_table_base;
+#endif
+    return level;
+}
+
+static const char *cin_isa_name(void) { return cin_k->name; }
+
+
+#define CIN_ENTRY_POINTS(T, S)                                                                  \
+    static inline void cin_chunk_stats_##S(const T *x, ptrdiff_t n, double *mean, double *m2)  \
+    { cin_k->chunk_stats_##S(x, n, mean, m2); }                                                 \
+    static inline void cin_normalize_##S(const T *x, T *y, ptrdiff_t n, T k, T a, T b, int st) \
+    { cin_k->normalize_##S(x, y, n, k, a, b, st); }                                             \
+    static inline void cin_backward_sums_##S(const T *dy, const T *x, ptrdiff_t n, T k,         \
+                                             double *sdy, double *sdyx)                         \
+    { cin_k->backward_sums_##S(dy, x, n, k, sdy, sdyx); }                                       \
+    static inline void cin_backward_dx_##S(const T *dy, const T *x, T *dx, ptrdiff_t n, T k,    \
+                                           T a, T b, T c, int st)                               \
+    { cin_k->backward_dx_##S(dy, x, dx, n, k, a, b, c, st); }                                   \
+    static inline void cin_scale_##S(const T *dy, T *dx, ptrdiff_t n, T a, int st)              \
+    { cin_k->scale_##S(dy, dx, n, a, st); }
+
+CIN_ENTRY_POINTS(float, f)
+CIN_ENTRY_POINTS(double, d)
 
 #endif

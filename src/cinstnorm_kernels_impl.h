@@ -1,10 +1,18 @@
-/* Template body of the inner loops; included by cinstnorm_kernels.h with CIN_T (element type)
- * and CIN_SUFFIX (_f or _d) defined.  No include guard on purpose. */
+/* Template body of the inner loops; included by cin_isa.h with CIN_T (element type), CIN_TS
+ * (f or d), CIN_ISA (instruction-set suffix) and CIN_VEC_BYTES defined.  No include guard on
+ * purpose.  Functions are named cin_<op>_<CIN_TS>_<CIN_ISA>. */
 
-#define CIN_CAT_(a, b) a##b
-#define CIN_CAT(a, b) CIN_CAT_(a, b)
-#define CIN_FN(name) CIN_CAT(name, CIN_SUFFIX)
-#define CIN_LANES ((int)(CIN_ACC_BYTES / sizeof(CIN_T)))
+#define CIN_CAT3_(a, b, c) a##_##b##_##c
+#define CIN_CAT3(a, b, c) CIN_CAT3_(a, b, c)
+#define CIN_FN(op) CIN_CAT3(op, CIN_TS, CIN_ISA)
+#define CIN_CAT2_(a, b) a##b
+#define CIN_CAT2(a, b) CIN_CAT2_(a, b)
+#define CIN_LANES ((int)(4 * CIN_VEC_BYTES / sizeof(CIN_T)))
+#define CIN_VLEN ((ptrdiff_t)(CIN_VEC_BYTES / sizeof(CIN_T)))
+#if defined(CIN_STREAM_f)
+#define CIN_STREAM CIN_CAT2(CIN_STREAM_, CIN_TS)
+#endif
+typedef CIN_T CIN_FN(cin_vec) __attribute__((vector_size(CIN_VEC_BYTES)));
 
 /* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
 static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
@@ -52,8 +60,8 @@ static inline CIN_T CIN_FN(cin_sum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n)
  * Blocks of CIN_BLOCK elements are summed around a shift k close to the mean (the first
  * block's plain mean, then the running mean), turned into (count, mean, M2) in double and
  * merged with Chan's formula. */
-static inline void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
-                                           double *mean, double *m2)
+static void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
+                                    double *mean, double *m2)
 {
     double cnt = 0.0, mu = 0.0, acc = 0.0;
     if (n <= 0) { *mean = 0.0; *m2 = 0.0; return; }
@@ -75,19 +83,36 @@ static inline void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_
 
 /* y = (x - k) * alpha + beta.  With k the plane mean rounded to CIN_T, x - k is exact for
  * x near the mean, which avoids the cancellation of the usual x * alpha + (beta - mean * alpha).
- * x and y may be the same array (in place); omp simd asserts no loop-carried dependence. */
-static inline void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
-                                         CIN_T k, CIN_T alpha, CIN_T beta)
+ * x and y may be the same array (in place).  stream: non-temporal stores for y (outputs
+ * larger than the last-level cache), which skip the read-for-ownership of y's lines. */
+static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
+                                  CIN_T k, CIN_T alpha, CIN_T beta, int stream)
 {
+    ptrdiff_t i = 0;
+#ifdef CIN_STREAM
+    if (stream) {
+        for (; i < n && ((uintptr_t)(y + i) % CIN_VEC_BYTES) != 0; i++)
+            y[i] = (x[i] - k) * alpha + beta;
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+            CIN_FN(cin_vec) v;
+            memcpy(&v, x + i, sizeof v);
+            v = (v - k) * alpha + beta;
+            CIN_STREAM(y + i, v);
+        }
+        cin_store_fence();
+    }
+#else
+    (void)stream;
+#endif
 #pragma omp simd
-    for (ptrdiff_t i = 0; i < n; i++) y[i] = (x[i] - k) * alpha + beta;
+    for (ptrdiff_t j = i; j < n; j++) y[j] = (x[j] - k) * alpha + beta;
 }
 
-/* Backward sums over n elements: *sdy += sum(dy), *sdyx += sum(dy * (x - k)), accumulated in
+/* Backward sums over n elements: *sdy = sum(dy), *sdyx = sum(dy * (x - k)), accumulated in
  * CIN_T inside blocks and in double across blocks. */
-static inline void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
-                                             const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
-                                             double *sdy, double *sdyx)
+static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
+                                      const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
+                                      double *sdy, double *sdyx)
 {
     double tot_g = 0.0, tot_gx = 0.0;
     for (ptrdiff_t b = 0; b < n; b += CIN_BLOCK) {
@@ -113,22 +138,59 @@ static inline void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
     *sdyx = tot_gx;
 }
 
-/* dx = a * dy + b * (x - k) + c  (the input-statistics gradient, rearranged per plane). */
-static inline void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx,
-                                           ptrdiff_t n, CIN_T k, CIN_T a, CIN_T b, CIN_T c)
+/* dx = a * dy + b * (x - k) + c  (the input-statistics gradient, rearranged per plane).
+ * dx may be dy itself. */
+static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                                    CIN_T k, CIN_T a, CIN_T b, CIN_T c, int stream)
 {
+    ptrdiff_t i = 0;
+#ifdef CIN_STREAM
+    if (stream) {
+        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++)
+            dx[i] = a * dy[i] + b * (x[i] - k) + c;
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+            CIN_FN(cin_vec) g, v;
+            memcpy(&g, dy + i, sizeof g);
+            memcpy(&v, x + i, sizeof v);
+            v = a * g + b * (v - k) + c;
+            CIN_STREAM(dx + i, v);
+        }
+        cin_store_fence();
+    }
+#else
+    (void)stream;
+#endif
 #pragma omp simd
-    for (ptrdiff_t i = 0; i < n; i++) dx[i] = a * dy[i] + b * (x[i] - k) + c;
+    for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j] + b * (x[j] - k) + c;
 }
 
 /* dx = a * dy  (fixed running statistics: no gradient through the statistics). */
-static inline void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a)
+static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, int stream)
 {
+    ptrdiff_t i = 0;
+#ifdef CIN_STREAM
+    if (stream) {
+        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++) dx[i] = a * dy[i];
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+            CIN_FN(cin_vec) g;
+            memcpy(&g, dy + i, sizeof g);
+            g = a * g;
+            CIN_STREAM(dx + i, g);
+        }
+        cin_store_fence();
+    }
+#else
+    (void)stream;
+#endif
 #pragma omp simd
-    for (ptrdiff_t i = 0; i < n; i++) dx[i] = a * dy[i];
+    for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j];
 }
 
+#undef CIN_STREAM
+#undef CIN_VLEN
 #undef CIN_LANES
 #undef CIN_FN
-#undef CIN_CAT
-#undef CIN_CAT_
+#undef CIN_CAT3
+#undef CIN_CAT3_
+#undef CIN_CAT2
+#undef CIN_CAT2_

@@ -1,0 +1,98 @@
+"""Every compiled path against the float64 reference: each SIMD level this CPU runs, with and
+without streaming (non-temporal) stores, whole-plane and chunked work splits, and outputs that
+are not aligned to a vector boundary (the streaming loops peel to alignment)."""
+
+import numpy as np
+import pytest
+
+import cinstnorm as cin
+from cinstnorm import _cpu
+
+import reference as ref
+from helpers import assert_close, make_affine, make_x
+
+PATHS = _cpu.simd_supported()
+
+SHAPES = [
+    (3, 5, 7, 9),          # odd plane: scalar tails everywhere
+    (2, 4, 40, 33),        # several statistics blocks per plane, whole planes
+    (1, 1, 300, 301),      # one plane, chunked across threads
+    (1, 3, 160, 163),      # fewer planes than chunks
+]
+
+
+@pytest.fixture(params=PATHS)
+def simd(request):
+    before = _cpu.simd_path()
+    assert _cpu.select_simd(request.param).startswith(request.param.replace("avx512", "avx512f"))
+    yield request.param
+    _cpu.select_simd("auto")
+    assert _cpu.simd_path() == before
+
+
+@pytest.fixture(params=[False, True], ids=["cached-stores", "streaming-stores"])
+def streaming(request):
+    before = _cpu.stream_min_bytes()
+    _cpu.set_stream_min_bytes(0 if request.param else 1 << 62)
+    yield request.param
+    _cpu.set_stream_min_bytes(before)
+
+
+def _misaligned_like(x):
+    """A C-contiguous array of x's shape and dtype whose data starts one element past a
+    vector boundary."""
+    buf = np.empty(x.size + 16, x.dtype)
+    offset = (-buf.ctypes.data // x.itemsize) % 16 + 1
+    out = buf[offset:offset + x.size].reshape(x.shape)
+    assert out.ctypes.data % 64 != 0 and out.flags.c_contiguous
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_backward_every_path(rng, simd, streaming, shape, dtype):
+    x = make_x(rng, shape, dtype)
+    w, b = make_affine(rng, shape[1], dtype)
+    dy = make_x(rng, shape, dtype)
+    y_ref, mean_ref, rstd_ref = ref.forward(x, w, b)
+    for out in (None, _misaligned_like(x)):
+        y, mean, rstd = cin.instance_norm_forward(x, w, b, n_threads=2, out=out)
+        assert_close(y, y_ref)
+        assert_close(mean, mean_ref)
+    dx, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, w, n_threads=2)
+    for got, want in zip((dx, dw, db), ref.backward(dy, x, mean, rstd, w)):
+        assert_close(got, want, grad=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_running_stats_paths(rng, simd, streaming, shape):
+    x = make_x(rng, shape, np.float32)
+    w, b = make_affine(rng, shape[1], np.float32)
+    rm = rng.normal(size=shape[1]).astype(np.float32)
+    rv = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
+    out = _misaligned_like(x)
+    y = cin.instance_norm(x, rm, rv, w, b, use_input_stats=False, n_threads=2, out=out)
+    y_ref, mean, rstd = ref.forward(x, w, b, running_mean=rm, running_var=rv,
+                                    use_input_stats=False)
+    assert y is out
+    assert_close(y, y_ref)
+    dy = make_x(rng, shape, np.float32)
+    got = cin.instance_norm_backward(dy, x, rm, 1.0 / np.sqrt(rv.astype(np.float64) + 1e-5), w,
+                                     use_input_stats=False, n_threads=2)
+    for g, want in zip(got, ref.backward(dy, x, mean, rstd, w, use_input_stats=False)):
+        assert_close(g, want, grad=True)
+
+
+def test_unknown_simd_path_is_rejected():
+    with pytest.raises(ValueError, match="unknown SIMD path"):
+        _cpu.select_simd("sse9")
+
+
+def test_simd_env_forces_baseline():
+    import subprocess
+    import sys
+    code = "import cinstnorm, cinstnorm._cpu as c; print(c.simd_path())"
+    env = dict(__import__("os").environ, CINSTNORM_SIMD="baseline")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("baseline")

@@ -3,7 +3,7 @@
  *
  * Cython cannot emit `#pragma omp simd`, and gcc does not vectorize a floating-point reduction
  * without reassociation, so the hot loops live here as small functions that the Cython drivers
- * call under nogil.  Reductions use CIN_LANES independent accumulators (four vector registers'
+ * call under nogil.  Reductions use four independent vector accumulators per sum
  * worth) so they are throughput bound rather than latency bound.
  *
  * Layout of the code: cinstnorm_kernels_impl.h holds each loop once; cin_isa.h instantiates it

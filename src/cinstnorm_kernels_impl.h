@@ -7,35 +7,57 @@
 #define CIN_FN(op) CIN_CAT3(op, CIN_TS, CIN_ISA)
 #define CIN_CAT2_(a, b) a##b
 #define CIN_CAT2(a, b) CIN_CAT2_(a, b)
-#define CIN_LANES ((int)(4 * CIN_VEC_BYTES / sizeof(CIN_T)))
 #define CIN_VLEN ((ptrdiff_t)(CIN_VEC_BYTES / sizeof(CIN_T)))
 #if defined(CIN_STREAM_f)
 #define CIN_STREAM CIN_CAT2(CIN_STREAM_, CIN_TS)
 #endif
 typedef CIN_T CIN_FN(cin_vec) __attribute__((vector_size(CIN_VEC_BYTES)));
 
+/* Reductions keep four vector accumulators per sum in registers (GCC/Clang vector extensions:
+ * the same source compiles to SSE2, AVX2, AVX-512 or NEON), so they are throughput bound,
+ * not latency bound, and cost little set-up on small planes. */
+static inline CIN_FN(cin_vec) CIN_FN(cin_load)(const CIN_T *p)
+{
+    CIN_FN(cin_vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
+{
+    CIN_T t = 0;
+    for (int j = 0; j < (int)CIN_VLEN; j++) t += v[j];
+    return t;
+}
+
 /* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
 static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
                                             CIN_T *s1, CIN_T *s2)
 {
-    CIN_T a[CIN_LANES], q[CIN_LANES];
-    for (int j = 0; j < CIN_LANES; j++) { a[j] = 0; q[j] = 0; }
+    typedef CIN_FN(cin_vec) V;
+    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     ptrdiff_t i = 0;
-    for (; i + CIN_LANES <= n; i += CIN_LANES) {
-#pragma omp simd
-        for (int j = 0; j < CIN_LANES; j++) {
-            CIN_T d = x[i + j] - k;
-            a[j] += d;
-            q[j] += d * d;
-        }
+    for (; i + 4 * CIN_VLEN <= n; i += 4 * CIN_VLEN) {
+        V d0 = CIN_FN(cin_load)(x + i) - k;
+        V d1 = CIN_FN(cin_load)(x + i + CIN_VLEN) - k;
+        V d2 = CIN_FN(cin_load)(x + i + 2 * CIN_VLEN) - k;
+        V d3 = CIN_FN(cin_load)(x + i + 3 * CIN_VLEN) - k;
+        a0 += d0; q0 += d0 * d0;
+        a1 += d1; q1 += d1 * d1;
+        a2 += d2; q2 += d2 * d2;
+        a3 += d3; q3 += d3 * d3;
     }
-    CIN_T ta = 0, tq = 0;
+    for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+        V d = CIN_FN(cin_load)(x + i) - k;
+        a0 += d; q0 += d * d;
+    }
+    CIN_T ta = CIN_FN(cin_hsum)((a0 + a1) + (a2 + a3));
+    CIN_T tq = CIN_FN(cin_hsum)((q0 + q1) + (q2 + q3));
     for (; i < n; i++) {
         CIN_T d = x[i] - k;
         ta += d;
         tq += d * d;
     }
-    for (int j = 0; j < CIN_LANES; j++) { ta += a[j]; tq += q[j]; }
     *s1 = ta;
     *s2 = tq;
 }
@@ -43,16 +65,18 @@ static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff
 /* Plain sum of n elements in CIN_T (used once per chunk to pick the shift). */
 static inline CIN_T CIN_FN(cin_sum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n)
 {
-    CIN_T a[CIN_LANES];
-    for (int j = 0; j < CIN_LANES; j++) a[j] = 0;
+    typedef CIN_FN(cin_vec) V;
+    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ptrdiff_t i = 0;
-    for (; i + CIN_LANES <= n; i += CIN_LANES) {
-#pragma omp simd
-        for (int j = 0; j < CIN_LANES; j++) a[j] += x[i + j];
+    for (; i + 4 * CIN_VLEN <= n; i += 4 * CIN_VLEN) {
+        a0 += CIN_FN(cin_load)(x + i);
+        a1 += CIN_FN(cin_load)(x + i + CIN_VLEN);
+        a2 += CIN_FN(cin_load)(x + i + 2 * CIN_VLEN);
+        a3 += CIN_FN(cin_load)(x + i + 3 * CIN_VLEN);
     }
-    CIN_T t = 0;
+    for (; i + CIN_VLEN <= n; i += CIN_VLEN) a0 += CIN_FN(cin_load)(x + i);
+    CIN_T t = CIN_FN(cin_hsum)((a0 + a1) + (a2 + a3));
     for (; i < n; i++) t += x[i];
-    for (int j = 0; j < CIN_LANES; j++) t += a[j];
     return t;
 }
 
@@ -118,19 +142,17 @@ static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
     for (ptrdiff_t b = 0; b < n; b += CIN_BLOCK) {
         ptrdiff_t nb = n - b < CIN_BLOCK ? n - b : CIN_BLOCK;
         const CIN_T *g = dy + b, *v = x + b;
-        CIN_T a[CIN_LANES], q[CIN_LANES];
-        for (int j = 0; j < CIN_LANES; j++) { a[j] = 0; q[j] = 0; }
+        typedef CIN_FN(cin_vec) V;
+        V a0 = {0}, a1 = {0}, q0 = {0}, q1 = {0};
         ptrdiff_t i = 0;
-        for (; i + CIN_LANES <= nb; i += CIN_LANES) {
-#pragma omp simd
-            for (int j = 0; j < CIN_LANES; j++) {
-                a[j] += g[i + j];
-                q[j] += g[i + j] * (v[i + j] - k);
-            }
+        for (; i + 2 * CIN_VLEN <= nb; i += 2 * CIN_VLEN) {
+            V g0 = CIN_FN(cin_load)(g + i), g1 = CIN_FN(cin_load)(g + i + CIN_VLEN);
+            V v0 = CIN_FN(cin_load)(v + i) - k, v1 = CIN_FN(cin_load)(v + i + CIN_VLEN) - k;
+            a0 += g0; q0 += g0 * v0;
+            a1 += g1; q1 += g1 * v1;
         }
-        CIN_T ta = 0, tq = 0;
+        CIN_T ta = CIN_FN(cin_hsum)(a0 + a1), tq = CIN_FN(cin_hsum)(q0 + q1);
         for (; i < nb; i++) { ta += g[i]; tq += g[i] * (v[i] - k); }
-        for (int j = 0; j < CIN_LANES; j++) { ta += a[j]; tq += q[j]; }
         tot_g += (double)ta;
         tot_gx += (double)tq;
     }
@@ -188,7 +210,6 @@ static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, 
 
 #undef CIN_STREAM
 #undef CIN_VLEN
-#undef CIN_LANES
 #undef CIN_FN
 #undef CIN_CAT3
 #undef CIN_CAT3_

@@ -11,6 +11,7 @@ from .common import (
     backward_inputs,
     random_input,
     touched_empty_like,
+    warm_up_once,
 )
 
 
@@ -21,6 +22,7 @@ class Forward(ShapeDtypeThreads):
         self.x = random_input(shape, dtype)
         self.weight, self.bias = affine_parameters(shape, dtype)
         self.out = touched_empty_like(self.x)
+        warm_up_once("forward", lambda: self.time_forward_out(shape, dtype, n_threads))
 
     def time_forward(self, shape, dtype, n_threads):
         cin.instance_norm_forward(self.x, self.weight, self.bias, EPS, n_threads=n_threads)
@@ -38,6 +40,7 @@ class Backward(ShapeDtypeThreads):
     def setup(self, shape, dtype, n_threads):
         self.x, self.dy, self.mean, self.rstd = backward_inputs(shape, dtype)
         self.weight, self.bias = affine_parameters(shape, dtype)
+        warm_up_once("backward", lambda: self.time_forward_backward(shape, dtype, n_threads))
 
     def time_backward(self, shape, dtype, n_threads):
         cin.instance_norm_backward(

@@ -3,7 +3,15 @@ import numpy as np
 
 import cinstnorm as cin
 
-from .common import EPS, SHAPES, ShapeDtypeThreads, backward_inputs, module_class, random_input
+from .common import (
+    EPS,
+    SHAPES,
+    ShapeDtypeThreads,
+    backward_inputs,
+    module_class,
+    random_input,
+    warm_up_once,
+)
 
 
 class _ModuleBenchmark(ShapeDtypeThreads):
@@ -26,6 +34,7 @@ class ModuleTrainStep(_ModuleBenchmark):
     def setup(self, shape, dtype, n_threads):
         super().setup(shape, dtype, n_threads)
         self.x, self.dy, _, _ = backward_inputs(shape, dtype)
+        warm_up_once("train step", lambda: self.time_train_step(shape, dtype, n_threads))
 
     def time_train_step(self, shape, dtype, n_threads):
         self.module.zero_grad()
@@ -44,6 +53,7 @@ class ModuleEval(_ModuleBenchmark):
         self.module.running_mean[...] = 0.1 * rng.standard_normal(channels)
         self.module.running_var[...] = rng.uniform(0.5, 2.0, channels)
         self.module.eval()
+        warm_up_once("eval", lambda: self.time_eval(shape, dtype, n_threads))
 
     def time_eval(self, shape, dtype, n_threads):
         self.module(self.x)

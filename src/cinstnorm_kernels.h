@@ -3,8 +3,8 @@
  *
  * Cython cannot emit `#pragma omp simd`, and gcc does not vectorize a floating-point reduction
  * without reassociation, so the hot loops live here as small functions that the Cython drivers
- * call under nogil.  Reductions use four independent vector accumulators per sum
- * worth) so they are throughput bound rather than latency bound.
+ * call under nogil.  Reductions use four independent vector accumulators per sum, so they
+ * are throughput bound rather than latency bound; elementwise loops use `#pragma omp simd`.
  *
  * Layout of the code: cinstnorm_kernels_impl.h holds each loop once; cin_isa.h instantiates it
  * for float and double under one instruction set; this file includes cin_isa.h once per ISA

@@ -1,4 +1,4 @@
-"""Command line: ``python -m cinstnorm {demo,info,bench}``."""
+"""Command line: ``python -m cinstnorm {demo,info,bench,scaling}``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="print show_config(): version, OpenMP, threads, SIMD path, flags")
     sub.add_parser("bench", help="benchmark against NumPy, torch (if installed) and np.copyto",
                    add_help=False)
+    sub.add_parser("scaling", help="OpenMP thread-scaling experiment (CSV and PNG)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         demo()
@@ -49,6 +51,9 @@ def main(argv=None) -> int:
     elif args.command == "bench":
         from ._bench import main as bench_main
         return bench_main(rest) or 0
+    elif args.command == "scaling":
+        from ._scaling import main as scaling_main
+        return scaling_main(rest) or 0
     else:
         parser.print_help()
         return 0 if argv is not None or len(sys.argv) > 1 else 2

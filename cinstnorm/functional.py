@@ -31,15 +31,17 @@ def _planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0] * x.shape[1], -1)
 
 
-def _target(x: np.ndarray, x2: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+def _target(x: np.ndarray, x2: np.ndarray, out: Optional[np.ndarray], *also) -> np.ndarray:
     """The array the kernel writes, shaped like x.
 
-    `out` itself when it can take the kernel's output (including out is x); else x2 when it is
-    a private copy of x (the kernels work in place, which saves an x-sized allocation); else new.
+    `out` itself when it can take the kernel's output: C-contiguous, of the compute dtype, and
+    each kernel input (x2 and `also`) either is exactly out's memory (elementwise in place) or
+    does not overlap it. Else x2 when it is a private copy of x (the kernels work in place,
+    which saves an x-sized allocation); else a new array.
     """
     if out is not None and out.dtype == x2.dtype and out.flags.c_contiguous:
-        same_buffer = out.ctypes.data == x2.ctypes.data
-        if same_buffer or not np.may_share_memory(out, x2):
+        if all(a.ctypes.data == out.ctypes.data or not np.may_share_memory(out, a)
+               for a in (x2,) + also):
             return out
     if not np.may_share_memory(x2, x):
         return x2.reshape(x.shape)
@@ -95,20 +97,20 @@ def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=N
     return _finish(y, x, out)
 
 
-def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int):
+def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None):
     """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat)."""
     N, C = x.shape[:2]
     P = N * C
     if x.size == 0:
-        return np.empty_like(x, order="K", subok=False), np.zeros(P), np.zeros(P)
+        return _empty_like_input(x, out), np.zeros(P), np.zeros(P)
     cdt = V.compute_dtype(x.dtype)
     x2 = _planes(x, cdt)
     dy2 = _planes(dy, cdt)
-    dx = _target(dy, dy2, None)
+    dx = _target(dy, dy2, out, x2)
     sum_dy, sum_dy_xhat = np.empty(P), np.empty(P)
     _cpu.backward(dy2, x2, mean_p, rstd_p, _per_plane(weight, N, C, 1.0), dx.reshape(P, -1),
                   sum_dy, sum_dy_xhat, use_input_stats, n_threads)
-    return _finish(dx, x, None), sum_dy, sum_dy_xhat
+    return _finish(dx, x, out), sum_dy, sum_dy_xhat
 
 
 def _running_update(running_mean, running_var, mean_p, var_p, shape, factor: float) -> None:
@@ -256,7 +258,7 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: bool = True,
-                           n_threads: Optional[int] = None):
+                           n_threads: Optional[int] = None, out: Optional[np.ndarray] = None):
     """Gradients of instance normalization from the saved statistics.
 
     Parameters
@@ -275,11 +277,14 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
         False: they were fixed (eval with running statistics): ``dx = dy * weight * rstd``.
     n_threads : int, optional
         Threads for this call.
+    out : ndarray, optional
+        Destination for dx with x's shape and dtype (may be ``dy`` or ``x`` itself); saves the
+        allocation (and its page faults) in a training loop.
 
     Returns
     -------
     dx : ndarray
-        x's shape, dtype and stride order.
+        x's shape, dtype and stride order (``out`` when given).
     dweight, dbias : ndarray (C,) or None
         None when ``weight`` is None.
 
@@ -302,10 +307,11 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     rstd = V.check_stats(rstd, N, C, "rstd")
     weight = V.check_per_channel(weight, C, "weight")
     V.check_spatial(x.shape, use_input_stats)
+    V.check_out(out, x)
     nt = resolve_threads(n_threads)
     dx, sum_dy, sum_dy_xhat = _backward(dy, x, _per_plane(mean, N, C, 0.0),
                                         _per_plane(rstd, N, C, 1.0), weight,
-                                        bool(use_input_stats), nt)
+                                        bool(use_input_stats), nt, out)
     if weight is None:
         return dx, None, None
     cdt = V.compute_dtype(x.dtype)

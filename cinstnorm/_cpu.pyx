@@ -13,6 +13,7 @@ per-chunk partial results, a second merges them per plane, and a third loop over
 (plane, chunk) indices with the same static schedule, inside the same parallel region,
 finishes each chunk on the thread that just read it.
 """
+cimport cython
 from cython.parallel cimport prange, parallel
 from libc.math cimport sqrt
 
@@ -99,6 +100,18 @@ cdef Py_ssize_t _chunks_per_plane(Py_ssize_t P, Py_ssize_t L, Py_ssize_t itemsiz
 
 cdef Py_ssize_t _stream_min_bytes = 32 * 1024 * 1024
 
+# Fewer elements than this per thread and the start-up of another thread costs more than it
+# saves (an OpenMP region with two threads costs a few microseconds).
+cdef Py_ssize_t _min_elements_per_thread = 16384
+
+
+cdef int _team_size(Py_ssize_t elements, int n_threads) noexcept nogil:
+    """Threads worth starting for `elements` elements, at most n_threads."""
+    cdef Py_ssize_t useful = elements // _min_elements_per_thread
+    if useful < 1:
+        return 1
+    return <int>useful if useful < n_threads else n_threads
+
 
 cdef inline int _use_streaming_stores(Py_ssize_t out_bytes) noexcept nogil:
     """Non-temporal stores pay off only for outputs that do not fit in the last-level cache."""
@@ -167,17 +180,18 @@ cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py
 
 # ---- drivers ------------------------------------------------------------------------------
 
-def forward_train(const floating[:, ::1] x,     # IN  (P, L)
-                  floating[:, ::1] y,           # OUT (P, L), may be x itself
-                  const double[::1] weight,     # IN  (P,) per-plane scale
-                  const double[::1] bias,       # IN  (P,) per-plane shift
-                  double eps,
-                  double[::1] mean,             # OUT (P,)
-                  double[::1] var,              # OUT (P,) biased variance
-                  double[::1] rstd,             # OUT (P,) 1/sqrt(var + eps)
-                  int n_threads):
+cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
+                             floating[:, ::1] y,           # OUT (P, L), may be x itself
+                             const double[::1] weight,     # IN  (P,) per-plane scale
+                             const double[::1] bias,       # IN  (P,) per-plane shift
+                             double eps,
+                             double[::1] mean,             # OUT (P,)
+                             double[::1] var,              # OUT (P,) biased variance
+                             double[::1] rstd,             # OUT (P,) 1/sqrt(var + eps)
+                             int n_threads) except -1:
     """Instance statistics of every plane, then y normalized with them."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
@@ -191,7 +205,7 @@ def forward_train(const floating[:, ::1] x,     # IN  (P, L)
                 var[p] = var[p] * inv_l
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
                 _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], weight[p], bias[p], stream)
-        return
+        return 0
     cmean = np.empty(P * k, dtype=np.float64)
     cm2 = np.empty(P * k, dtype=np.float64)
     with nogil, parallel(num_threads=n_threads):
@@ -220,17 +234,19 @@ def forward_train(const floating[:, ::1] x,     # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p], stream)
+    return 0
 
 
-def normalize(const floating[:, ::1] x,         # IN  (P, L)
-              floating[:, ::1] y,               # OUT (P, L), may be x itself
-              const double[::1] mean,           # IN  (P,) given (running) mean
-              const double[::1] rstd,           # IN  (P,) given 1/sqrt(var + eps)
-              const double[::1] weight,         # IN  (P,)
-              const double[::1] bias,           # IN  (P,)
-              int n_threads):
+cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
+                         floating[:, ::1] y,               # OUT (P, L), may be x itself
+                         const double[::1] mean,           # IN  (P,) given (running) mean
+                         const double[::1] rstd,           # IN  (P,) given 1/sqrt(var + eps)
+                         const double[::1] weight,         # IN  (P,)
+                         const double[::1] bias,           # IN  (P,)
+                         int n_threads) except -1:
     """y = (x - mean) * rstd * weight + bias with given per-plane statistics."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
@@ -242,20 +258,22 @@ def normalize(const floating[:, ::1] x,         # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p], stream)
+    return 0
 
 
-def backward(const floating[:, ::1] dy,         # IN  (P, L)
-             const floating[:, ::1] x,          # IN  (P, L)
-             const double[::1] mean,            # IN  (P,) saved or running mean
-             const double[::1] rstd,            # IN  (P,) saved or running 1/sqrt(var + eps)
-             const double[::1] weight,          # IN  (P,) per-plane scale
-             floating[:, ::1] dx,               # OUT (P, L)
-             double[::1] sum_dy,                # OUT (P,) sum(dy)
-             double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
-             bint use_input_stats,
-             int n_threads):
+cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
+                        const floating[:, ::1] x,          # IN  (P, L)
+                        const double[::1] mean,            # IN  (P,) saved or running mean
+                        const double[::1] rstd,            # IN  (P,) saved or running 1/sqrt(var + eps)
+                        const double[::1] weight,          # IN  (P,) per-plane scale
+                        floating[:, ::1] dx,               # OUT (P, L)
+                        double[::1] sum_dy,                # OUT (P,) sum(dy)
+                        double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
+                        bint use_input_stats,
+                        int n_threads) except -1:
     """dx and the per-plane sums that dweight/dbias reduce from."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
@@ -269,7 +287,7 @@ def backward(const floating[:, ::1] dy,         # IN  (P, L)
                 _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, mean[p], rstd[p], weight[p],
                         sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
                 sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
-        return
+        return 0
     cg = np.empty(P * k, dtype=np.float64)
     cc = np.empty(P * k, dtype=np.float64)
     with nogil, parallel(num_threads=n_threads):
@@ -297,6 +315,41 @@ def backward(const floating[:, ::1] dy,         # IN  (P, L)
                     sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
         for p in prange(P, schedule='static'):
             sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
+    return 0
+
+
+_F32 = np.dtype(np.float32)
+
+
+# Thin def wrappers: a fused-type def function dispatches on its arguments' types in Python
+# (microseconds per call); choosing the specialization from x.dtype is far cheaper.
+
+def forward_train(x, y, weight, bias, double eps, mean, var, rstd, int n_threads):
+    """Instance statistics of every (P, L) plane of x into mean/var/rstd (float64, (P,)), then
+    y = (x - mean) * rstd * weight + bias; x and y are C-contiguous float32 or float64."""
+    if x.dtype == _F32:
+        _forward_train_impl[cython.float](x, y, weight, bias, eps, mean, var, rstd, n_threads)
+    else:
+        _forward_train_impl[cython.double](x, y, weight, bias, eps, mean, var, rstd, n_threads)
+
+
+def normalize(x, y, mean, rstd, weight, bias, int n_threads):
+    """y = (x - mean) * rstd * weight + bias with given per-plane float64 (P,) statistics."""
+    if x.dtype == _F32:
+        _normalize_impl[cython.float](x, y, mean, rstd, weight, bias, n_threads)
+    else:
+        _normalize_impl[cython.double](x, y, mean, rstd, weight, bias, n_threads)
+
+
+def backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, bint use_input_stats,
+             int n_threads):
+    """dx from dy, x and per-plane statistics; per-plane sum(dy) and sum(dy * xhat)."""
+    if x.dtype == _F32:
+        _backward_impl[cython.float](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
+                                     use_input_stats, n_threads)
+    else:
+        _backward_impl[cython.double](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
+                                      use_input_stats, n_threads)
 
 
 # ---- build and runtime facts ----------------------------------------------------------------
@@ -352,6 +405,16 @@ def set_stream_min_bytes(Py_ssize_t nbytes):
 
 def stream_min_bytes():
     return int(_stream_min_bytes)
+
+
+def set_min_elements_per_thread(Py_ssize_t n):
+    """Below this many elements per thread a call uses fewer threads (1 for tiny inputs)."""
+    global _min_elements_per_thread
+    _min_elements_per_thread = max(1, n)
+
+
+def min_elements_per_thread():
+    return int(_min_elements_per_thread)
 
 
 def build_flags():

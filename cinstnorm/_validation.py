@@ -65,6 +65,8 @@ def check_spatial(shape, use_input_stats: bool) -> None:
 
 
 def check_eps(eps) -> float:
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the common case, without ABC checks
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
     eps = float(eps)
@@ -76,6 +78,8 @@ def check_eps(eps) -> float:
 def check_momentum(momentum):
     if momentum is None:
         return None
+    if type(momentum) is float and math.isfinite(momentum):
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise ValueError(f"momentum must be None or a finite real number, got {momentum!r}")
     momentum = float(momentum)

@@ -21,9 +21,9 @@ __all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward"]
 
 def _per_plane(a, N: int, C: int, fill: float) -> np.ndarray:
     """A (C,) or (N, C) parameter (or None -> fill) as a contiguous float64 array of N*C."""
-    if a is None:
-        return np.full(N * C, fill)
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.float64), (N, C))).ravel()
+    planes = np.empty((N, C))
+    planes[...] = fill if a is None else a
+    return planes.reshape(N * C)
 
 
 def _planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Cython/OpenMP drivers of the CPU kernels.
 
 Every driver works on C-contiguous 2-D views of shape (P, L): P = N*C planes of L spatial
-elements.  Per-plane parameters (scale, shift, statistics) arrive as float64 arrays of length P,
-so per-channel and per-sample parameters take the same path.  The Python layer validates every
+elements.  Per-plane inputs (scale, shift, given statistics) arrive as contiguous float64 arrays
+of length P (per sample and channel), C (per channel: plane p reads element p % C) or 0 (none),
+so per-channel and per-sample parameters take the same path without expanding them.  The Python layer validates every
 shape and dtype before calling in here; with bounds checking off a bad shape would be a silent
 out-of-bounds access.
 
@@ -124,6 +125,13 @@ cdef inline Py_ssize_t _chunk_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) no
     return ((L * j) // k) // CHUNK_ALIGN * CHUNK_ALIGN
 
 
+cdef inline double _param(const double[::1] a, Py_ssize_t p, double fill) noexcept nogil:
+    """Plane p's value of a per-plane parameter given as (P,), (C,) (p % C is the channel, as
+    planes are (n, c) in C order) or empty (None: `fill`)."""
+    cdef Py_ssize_t n = a.shape[0]
+    return fill if n == 0 else a[p % n]
+
+
 # ---- fused-type front ends of the C inner loops -------------------------------------------
 
 cdef inline void _stats(const floating *x, Py_ssize_t n, double *mean,
@@ -182,8 +190,8 @@ cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py
 
 cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
                              floating[:, ::1] y,           # OUT (P, L), may be x itself
-                             const double[::1] weight,     # IN  (P,) per-plane scale
-                             const double[::1] bias,       # IN  (P,) per-plane shift
+                             const double[::1] weight,     # IN  (P,), (C,) or empty: scale
+                             const double[::1] bias,       # IN  (P,), (C,) or empty: shift
                              double eps,
                              double[::1] mean,             # OUT (P,)
                              double[::1] var,              # OUT (P,) biased variance
@@ -204,7 +212,8 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
                 _stats(&x[p, 0], L, &mean[p], &var[p])
                 var[p] = var[p] * inv_l
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
-                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], weight[p], bias[p], stream)
+                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], _param(weight, p, 1.0),
+                           _param(bias, p, 0.0), stream)
         return 0
     cmean = np.empty(P * k, dtype=np.float64)
     cm2 = np.empty(P * k, dtype=np.float64)
@@ -233,7 +242,8 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p], stream)
+            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], _param(weight, p, 1.0),
+                       _param(bias, p, 0.0), stream)
     return 0
 
 
@@ -257,7 +267,8 @@ cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], weight[p], bias[p], stream)
+            _normalize(&x[p, lo], &y[p, lo], hi - lo, _param(mean, p, 0.0), _param(rstd, p, 1.0),
+                       _param(weight, p, 1.0), _param(bias, p, 0.0), stream)
     return 0
 
 
@@ -265,7 +276,7 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
                         const floating[:, ::1] x,          # IN  (P, L)
                         const double[::1] mean,            # IN  (P,) saved or running mean
                         const double[::1] rstd,            # IN  (P,) saved or running 1/sqrt(var + eps)
-                        const double[::1] weight,          # IN  (P,) per-plane scale
+                        const double[::1] weight,          # IN  (P,), (C,) or empty: scale
                         floating[:, ::1] dx,               # OUT (P, L)
                         double[::1] sum_dy,                # OUT (P,) sum(dy)
                         double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
@@ -283,10 +294,12 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for p in prange(P, schedule='static'):
-                _bwd_sums(&dy[p, 0], &x[p, 0], L, mean[p], &sum_dy[p], &sum_dy_xhat[p])
-                _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, mean[p], rstd[p], weight[p],
+                _bwd_sums(&dy[p, 0], &x[p, 0], L, _param(mean, p, 0.0), &sum_dy[p],
+                          &sum_dy_xhat[p])
+                _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, _param(mean, p, 0.0),
+                        _param(rstd, p, 1.0), _param(weight, p, 1.0),
                         sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
-                sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
+                sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
         return 0
     cg = np.empty(P * k, dtype=np.float64)
     cc = np.empty(P * k, dtype=np.float64)
@@ -297,7 +310,7 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, mean[p], &cg[i], &cc[i])
+            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, _param(mean, p, 0.0), &cg[i], &cc[i])
         for p in prange(P, schedule='static'):
             sg = 0.0
             sc = 0.0
@@ -311,10 +324,11 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, mean[p], rstd[p], weight[p],
+            _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, _param(mean, p, 0.0),
+                    _param(rstd, p, 1.0), _param(weight, p, 1.0),
                     sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
         for p in prange(P, schedule='static'):
-            sum_dy_xhat[p] = sum_dy_xhat[p] * rstd[p]
+            sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
     return 0
 
 

@@ -19,11 +19,15 @@ __all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward"]
 
 # ---- plumbing between arbitrary NumPy arrays and the (P, L) kernels ----------------------------
 
-def _per_plane(a, N: int, C: int, fill: float) -> np.ndarray:
-    """A (C,) or (N, C) parameter (or None -> fill) as a contiguous float64 array of N*C."""
-    planes = np.empty((N, C))
-    planes[...] = fill if a is None else a
-    return planes.reshape(N * C)
+_NONE = np.empty(0)  # "no parameter": the kernels then use 1 (scale) or 0 (shift, mean)
+
+
+def _flat64(a) -> np.ndarray:
+    """A (C,) or (N, C) per-channel / per-plane parameter as the kernels take it: contiguous
+    float64, flattened (plane p = n*C + c reads element p % len); None -> empty."""
+    if a is None:
+        return _NONE
+    return np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
 
 
 def _planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -70,7 +74,7 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     """Normalize with instance statistics; returns y and float64 (P,) mean, var, rstd."""
     N, C = x.shape[:2]
     P = N * C
-    mean, var, rstd = np.empty(P), np.empty(P), np.empty(P)
+    mean, var, rstd = np.empty((3, P))
     if x.size == 0:
         for a in (mean, var, rstd):
             a.fill(np.nan)
@@ -78,8 +82,8 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     cdt = V.compute_dtype(x.dtype)
     x2 = _planes(x, cdt)
     y = _target(x, x2, out)
-    _cpu.forward_train(x2, y.reshape(P, -1), _per_plane(weight, N, C, 1.0),
-                       _per_plane(bias, N, C, 0.0), eps, mean, var, rstd, n_threads)
+    _cpu.forward_train(x2, y.reshape(P, -1), _flat64(weight), _flat64(bias), eps, mean, var,
+                       rstd, n_threads)
     return _finish(y, x, out), mean, var, rstd
 
 
@@ -91,14 +95,15 @@ def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=N
     cdt = V.compute_dtype(x.dtype)
     x2 = _planes(x, cdt)
     y = _target(x, x2, out)
-    rstd = 1.0 / np.sqrt(_per_plane(var, N, C, 1.0) + eps)
-    _cpu.normalize(x2, y.reshape(N * C, -1), _per_plane(mean, N, C, 0.0), rstd,
-                   _per_plane(weight, N, C, 1.0), _per_plane(bias, N, C, 0.0), n_threads)
+    rstd = 1.0 / np.sqrt(_flat64(var) + eps)
+    _cpu.normalize(x2, y.reshape(N * C, -1), _flat64(mean), rstd, _flat64(weight),
+                   _flat64(bias), n_threads)
     return _finish(y, x, out)
 
 
 def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None):
-    """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat)."""
+    """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat); mean_p, rstd_p: (N, C), (P,) or
+    (C,)."""
     N, C = x.shape[:2]
     P = N * C
     if x.size == 0:
@@ -107,9 +112,9 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     x2 = _planes(x, cdt)
     dy2 = _planes(dy, cdt)
     dx = _target(dy, dy2, out, x2)
-    sum_dy, sum_dy_xhat = np.empty(P), np.empty(P)
-    _cpu.backward(dy2, x2, mean_p, rstd_p, _per_plane(weight, N, C, 1.0), dx.reshape(P, -1),
-                  sum_dy, sum_dy_xhat, use_input_stats, n_threads)
+    sum_dy, sum_dy_xhat = np.empty((2, P))
+    _cpu.backward(dy2, x2, _flat64(mean_p), _flat64(rstd_p), _flat64(weight),
+                  dx.reshape(P, -1), sum_dy, sum_dy_xhat, use_input_stats, n_threads)
     return _finish(dx, x, out), sum_dy, sum_dy_xhat
 
 
@@ -309,9 +314,8 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     V.check_spatial(x.shape, use_input_stats)
     V.check_out(out, x)
     nt = resolve_threads(n_threads)
-    dx, sum_dy, sum_dy_xhat = _backward(dy, x, _per_plane(mean, N, C, 0.0),
-                                        _per_plane(rstd, N, C, 1.0), weight,
-                                        bool(use_input_stats), nt, out)
+    dx, sum_dy, sum_dy_xhat = _backward(dy, x, mean, rstd, weight, bool(use_input_stats), nt,
+                                        out)
     if weight is None:
         return dx, None, None
     cdt = V.compute_dtype(x.dtype)

@@ -136,10 +136,7 @@ class _InstanceNorm:
             rm = self.running_mean.astype(np.float64)
             rv = self.running_var.astype(np.float64)
             y = _forward_fixed(xb, rm, rv, self.weight, self.bias, self.eps, nt)
-            N, C = xb.shape[:2]
-            mean_p = np.broadcast_to(rm, (N, C)).ravel()
-            rstd_p = np.broadcast_to(1.0 / np.sqrt(rv + self.eps), (N, C)).ravel()
-            self._saved = (xb, mean_p, rstd_p, False)
+            self._saved = (xb, rm, 1.0 / np.sqrt(rv + self.eps), False)
         return y[0] if x.ndim == self._dims[0] else y
 
     __call__ = forward

@@ -18,7 +18,8 @@ import sys
 from . import _cpu
 from ._config import (available_cores, configure_kernels_from_env, get_num_threads,
                       set_num_threads)
-from .functional import instance_norm, instance_norm_backward, instance_norm_forward
+from .functional import (adain, adain_backward, instance_norm, instance_norm_backward,
+                         instance_norm_forward)
 from .modules import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, StateDictKeyError
 
 __version__ = "0.1.0"
@@ -26,7 +27,8 @@ __version__ = "0.1.0"
 configure_kernels_from_env()
 
 __all__ = [
-    "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "instance_norm", "instance_norm_forward", "instance_norm_backward", "adain",
+    "adain_backward",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "StateDictKeyError",
     "set_num_threads", "get_num_threads", "show_config", "config", "__version__",
 ]

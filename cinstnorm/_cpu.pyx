@@ -132,6 +132,19 @@ cdef inline double _param(const double[::1] a, Py_ssize_t p, double fill) noexce
     return fill if n == 0 else a[p % n]
 
 
+cdef inline void _merge_chunks(Py_ssize_t L, Py_ssize_t k, const double *cmean,
+                               const double *cm2, double *mean, double *m2) noexcept nogil:
+    """Merge a plane's k chunk statistics (in chunk order, so the result does not depend on
+    the thread count) into its mean and M2."""
+    cdef double cnt = 0.0, m = 0.0, acc = 0.0
+    cdef Py_ssize_t j
+    for j in range(k):
+        cin_chan_merge(&cnt, &m, &acc, <double>(_chunk_start(L, k, j + 1) - _chunk_start(L, k, j)),
+                       cmean[j], cm2[j])
+    mean[0] = m
+    m2[0] = acc
+
+
 # ---- fused-type front ends of the C inner loops -------------------------------------------
 
 cdef inline void _stats(const floating *x, Py_ssize_t n, double *mean,
@@ -203,7 +216,7 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
-    cdef double inv_l = 1.0 / <double>L, cnt, m, m2
+    cdef double inv_l = 1.0 / <double>L
     cdef double[::1] cmean, cm2
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
@@ -226,16 +239,8 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
             hi = _chunk_start(L, k, j + 1)
             _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
         for p in prange(P, schedule='static'):
-            cnt = 0.0
-            m = 0.0
-            m2 = 0.0
-            for j in range(k):
-                lo = _chunk_start(L, k, j)
-                hi = _chunk_start(L, k, j + 1)
-                cin_chan_merge(&cnt, &m, &m2, <double>(hi - lo), cmean[p * k + j],
-                               cm2[p * k + j])
-            mean[p] = m
-            var[p] = m2 * inv_l
+            _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
+            var[p] = var[p] * inv_l
             rstd[p] = 1.0 / sqrt(var[p] + eps)
         for i in prange(P * k, schedule='static'):
             p = i // k
@@ -331,6 +336,31 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
     return 0
 
+cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
+                           double[::1] mean,           # OUT (P,)
+                           double[::1] var,            # OUT (P,) biased variance
+                           int n_threads) except -1:
+    """Mean and biased variance of every plane (no output array)."""
+    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    n_threads = _team_size(P * L, n_threads)
+    cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
+    cdef Py_ssize_t p, i, j, lo, hi
+    cdef double inv_l = 1.0 / <double>L
+    cdef double[::1] cmean = np.empty(P * k, dtype=np.float64)
+    cdef double[::1] cm2 = np.empty(P * k, dtype=np.float64)
+    with nogil, parallel(num_threads=n_threads):
+        _record_team_size()
+        for i in prange(P * k, schedule='static'):
+            p = i // k
+            j = i % k
+            lo = _chunk_start(L, k, j)
+            hi = _chunk_start(L, k, j + 1)
+            _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
+        for p in prange(P, schedule='static'):
+            _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
+            var[p] = var[p] * inv_l
+    return 0
+
 
 _F32 = np.dtype(np.float32)
 
@@ -345,6 +375,14 @@ def forward_train(x, y, weight, bias, double eps, mean, var, rstd, int n_threads
         _forward_train_impl[cython.float](x, y, weight, bias, eps, mean, var, rstd, n_threads)
     else:
         _forward_train_impl[cython.double](x, y, weight, bias, eps, mean, var, rstd, n_threads)
+
+
+def plane_stats(x, mean, var, int n_threads):
+    """Mean and biased variance of every (P, L) plane of x into float64 (P,) mean and var."""
+    if x.dtype == _F32:
+        _plane_stats_impl[cython.float](x, mean, var, n_threads)
+    else:
+        _plane_stats_impl[cython.double](x, mean, var, n_threads)
 
 
 def normalize(x, y, mean, rstd, weight, bias, int n_threads):

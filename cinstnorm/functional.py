@@ -14,7 +14,8 @@ from . import _cpu
 from . import _validation as V
 from ._config import resolve_threads
 
-__all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward"]
+__all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward", "adain",
+           "adain_backward"]
 
 
 # ---- plumbing between arbitrary NumPy arrays and the (P, L) kernels ----------------------------
@@ -89,16 +90,31 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
 
 def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=None):
     """Normalize with given (running) statistics of shape (C,) or (N, C)."""
+    return _apply(x, mean, 1.0 / np.sqrt(_flat64(var) + eps), weight, bias, n_threads, out)
+
+
+def _apply(x, mean, scale, weight, bias, n_threads: int, out=None):
+    """y = (x - mean) * scale * weight + bias, every argument (C,), (N, C), (P,) or None."""
     if x.size == 0:
         return _empty_like_input(x, out)
     N, C = x.shape[:2]
-    cdt = V.compute_dtype(x.dtype)
-    x2 = _planes(x, cdt)
+    x2 = _planes(x, V.compute_dtype(x.dtype))
     y = _target(x, x2, out)
-    rstd = 1.0 / np.sqrt(_flat64(var) + eps)
-    _cpu.normalize(x2, y.reshape(N * C, -1), _flat64(mean), rstd, _flat64(weight),
+    _cpu.normalize(x2, y.reshape(N * C, -1), _flat64(mean), _flat64(scale), _flat64(weight),
                    _flat64(bias), n_threads)
     return _finish(y, x, out)
+
+
+def _plane_stats(x, n_threads: int):
+    """float64 (P,) mean and biased variance of every plane (NaN for empty planes)."""
+    P = x.shape[0] * x.shape[1]
+    mean, var = np.empty((2, P))
+    if x.size == 0:
+        mean.fill(np.nan)
+        var.fill(np.nan)
+        return mean, var
+    _cpu.plane_stats(_planes(x, V.compute_dtype(x.dtype)), mean, var, n_threads)
+    return mean, var
 
 
 def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None):
@@ -224,8 +240,8 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     ----------
     x : ndarray, shape (N, C, *spatial)
         float16, float32 or float64; any strides.
-    weight, bias : array_like (C,), optional
-        Per-channel scale and shift.
+    weight, bias : array_like (C,) or (N, C), optional
+        Per-channel scale and shift, or per-sample ones (AdaIN-style conditioning).
     eps : float
         Added to the variance.
     n_threads : int, optional
@@ -252,8 +268,8 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     V.check_batched(x)
     eps = V.check_eps(eps)
     N, C = x.shape[:2]
-    weight = V.check_per_channel(weight, C, "weight")
-    bias = V.check_per_channel(bias, C, "bias")
+    weight = V.check_per_channel(weight, C, "weight", N)
+    bias = V.check_per_channel(bias, C, "bias", N)
     V.check_spatial(x.shape, True)
     V.check_out(out, x)
     nt = resolve_threads(n_threads)
@@ -275,7 +291,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     mean, rstd : array_like, shape (N, C) (or (C,) for fixed statistics)
         From :func:`instance_norm_forward`, or with ``use_input_stats=False`` the running mean
         and ``1/sqrt(running_var + eps)``.
-    weight : array_like (C,), optional
+    weight : array_like (C,) or (N, C), optional
         The forward's weight.
     use_input_stats : bool
         True: the statistics were computed from x, and the gradient flows through them.
@@ -290,8 +306,9 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     -------
     dx : ndarray
         x's shape, dtype and stride order (``out`` when given).
-    dweight, dbias : ndarray (C,) or None
-        None when ``weight`` is None.
+    dweight, dbias : ndarray (C,) or (N, C), or None
+        None when ``weight`` is None; the weight's shape otherwise (per-sample gradients for a
+        per-sample weight).
 
     Examples
     --------
@@ -310,7 +327,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     N, C = x.shape[:2]
     mean = V.check_stats(mean, N, C, "mean")
     rstd = V.check_stats(rstd, N, C, "rstd")
-    weight = V.check_per_channel(weight, C, "weight")
+    weight = V.check_per_channel(weight, C, "weight", N)
     V.check_spatial(x.shape, use_input_stats)
     V.check_out(out, x)
     nt = resolve_threads(n_threads)
@@ -319,4 +336,95 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     if weight is None:
         return dx, None, None
     cdt = V.compute_dtype(x.dtype)
+    if np.ndim(weight) == 2:  # per-sample affine: gradients per (n, c)
+        return dx, sum_dy_xhat.reshape(N, C).astype(cdt), sum_dy.reshape(N, C).astype(cdt)
     return dx, _channel_sums(sum_dy_xhat, N, C, cdt), _channel_sums(sum_dy, N, C, cdt)
+
+
+def _check_adain(content, style, eps):
+    c = V.as_input(content, "content")
+    s = V.as_input(style, "style")
+    V.check_batched(c, "content")
+    V.check_batched(s, "style")
+    if s.shape[:2] != c.shape[:2]:
+        raise ValueError(f"style must have content's (N, C) = {c.shape[:2]}, got {s.shape[:2]}")
+    if s.dtype != c.dtype:
+        raise TypeError(f"style dtype {s.dtype} does not match content dtype {c.dtype}")
+    V.check_spatial(c.shape, True)
+    V.check_spatial(s.shape, True)
+    return c, s, V.check_eps(eps)
+
+
+def adain(content, style, eps: float = 1e-5, *, n_threads: Optional[int] = None,
+          out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Adaptive instance normalization (Huang and Belongie, 2017).
+
+    ``y = (content - mean_c) / sqrt(var_c + eps) * sqrt(var_s + eps) + mean_s`` per (n, c),
+    with the (biased) statistics of each plane of ``content`` and ``style``; ``style`` may have
+    a different spatial size.
+
+    Parameters
+    ----------
+    content : ndarray, shape (N, C, *spatial)
+    style : ndarray, shape (N, C, *spatial_s), same dtype
+    eps : float
+    n_threads : int, optional
+    out : ndarray, optional
+        Destination with content's shape and dtype.
+
+    Returns
+    -------
+    ndarray
+        content's shape, dtype and stride order.
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> rng = np.random.default_rng(0)
+    >>> c, s = rng.normal(0, 1, (1, 2, 16, 16)), rng.normal(5, 3, (1, 2, 8, 8))
+    >>> y = cin.adain(c, s)
+    >>> bool(np.allclose(y.mean(axis=(2, 3)), s.mean(axis=(2, 3))))
+    True
+    """
+    c, s, eps = _check_adain(content, style, eps)
+    V.check_out(out, c)
+    nt = resolve_threads(n_threads)
+    N, C = c.shape[:2]
+    mean_s, var_s = _plane_stats(s, nt)
+    y, _, _, _ = _forward(c, np.sqrt(var_s + eps).reshape(N, C), mean_s.reshape(N, C), eps, nt,
+                          out)
+    return y
+
+
+def adain_backward(dy, content, style, eps: float = 1e-5, *, n_threads: Optional[int] = None):
+    """Gradients of :func:`adain` with respect to ``content`` and ``style``.
+
+    The statistics of both inputs are recomputed (one pass over each).
+
+    Returns
+    -------
+    dcontent, dstyle : ndarray
+        Shaped like ``content`` and ``style``.
+
+    Examples
+    --------
+    >>> import numpy as np, cinstnorm as cin
+    >>> rng = np.random.default_rng(0)
+    >>> c, s = rng.normal(size=(1, 2, 6, 6)), rng.normal(size=(1, 2, 4, 4))
+    >>> dc, ds = cin.adain_backward(np.ones_like(c), c, s)
+    >>> dc.shape, ds.shape, bool(np.allclose(ds.sum(axis=(2, 3)), 36.0))
+    ((1, 2, 6, 6), (1, 2, 4, 4), True)
+    """
+    c, s, eps = _check_adain(content, style, eps)
+    dy = V.as_input(dy, "dy")
+    V.check_same(dy, c, "dy")
+    nt = resolve_threads(n_threads)
+    mean_c, var_c = _plane_stats(c, nt)
+    mean_s, var_s = _plane_stats(s, nt)
+    sigma_s = np.sqrt(var_s + eps)
+    dcontent, sum_dy, sum_dy_xhat = _backward(dy, c, mean_c, 1.0 / np.sqrt(var_c + eps),
+                                              sigma_s, True, nt)
+    # y depends on style through mean_s (d/ds = 1/Ms) and sigma_s (d/ds = (s - mean_s)/(Ms sigma_s))
+    m_s = V.spatial_size(s.shape)
+    dstyle = _apply(s, mean_s, sum_dy_xhat / (m_s * sigma_s), None, sum_dy / m_s, nt)
+    return dcontent, dstyle

@@ -29,14 +29,29 @@ def check_float_dtype(dtype: np.dtype, what: str = "input") -> None:
         )
 
 
+def to_numpy(value, what: str = "input") -> np.ndarray:
+    """An ndarray view of `value`: NumPy arrays as they are; CPU tensors of torch (or any
+    DLPack producer) without a copy through DLPack; anything else through np.asarray."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "__cuda_array_interface__"):
+        raise TypeError(
+            f"{what} is a GPU array; this cinstnorm call runs on the CPU and takes NumPy arrays"
+        )
+    if hasattr(value, "__dlpack__"):
+        if hasattr(value, "detach"):  # a torch tensor that may require grad
+            value = value.detach()
+        try:
+            return np.from_dlpack(value)
+        except (TypeError, BufferError, RuntimeError, ValueError):
+            pass  # e.g. a dtype NumPy cannot take over DLPack (bfloat16): fall back
+    return np.asarray(value)
+
+
 def as_input(x, what: str = "input") -> np.ndarray:
     """x as an ndarray of a supported floating dtype (no copy when it already is one)."""
     if not isinstance(x, np.ndarray):
-        if hasattr(x, "__cuda_array_interface__"):
-            raise TypeError(
-                f"{what} is a GPU array; this cinstnorm call runs on the CPU and takes NumPy arrays"
-            )
-        x = np.asarray(x)
+        x = to_numpy(x, what)
     check_float_dtype(x.dtype, what)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))

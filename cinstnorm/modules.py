@@ -34,10 +34,10 @@ class StateDictShapeError(ValueError, RuntimeError):
 
 
 def _as_host_array(value) -> np.ndarray:
-    """A state_dict value as an ndarray: NumPy, lists, torch tensors (detached, on the CPU)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    """A state_dict value as an ndarray: NumPy, lists, torch tensors (moved to the CPU)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, maybe on a GPU
+        value = value.detach().cpu()
+    return V.to_numpy(value, "state_dict value")
 
 
 class _InstanceNorm:
@@ -243,6 +243,50 @@ class _InstanceNorm:
             targets[k][...] = v
         if count is not None:
             self.num_batches_tracked = count
+
+    # ---- torch interop (torch optional) -----------------------------------------------------
+
+    @classmethod
+    def from_torch(cls, module):
+        """A cinstnorm module with the configuration and state of a torch norm module.
+
+        Takes ``torch.nn.InstanceNorm{1,2,3}d`` (or a BatchNorm with the same keys); weight,
+        bias and running statistics are copied (through DLPack), train/eval mode is kept.
+
+        Examples
+        --------
+        >>> import torch, cinstnorm as cin  # doctest: +SKIP
+        >>> m = cin.InstanceNorm2d.from_torch(torch.nn.InstanceNorm2d(3, affine=True))  # doctest: +SKIP
+        """
+        ref = module.weight if getattr(module, "weight", None) is not None else \
+            getattr(module, "running_mean", None)
+        dtype = None if ref is None else _as_host_array(ref).dtype
+        affine = bool(getattr(module, "affine", False))
+        m = cls(int(module.num_features), eps=float(module.eps), momentum=module.momentum,
+                affine=affine, track_running_stats=bool(module.track_running_stats),
+                dtype=dtype, bias=not affine or getattr(module, "bias", None) is not None)
+        m.load_state_dict(module.state_dict())
+        return m.train(bool(module.training))
+
+    def to_torch(self):
+        """The equivalent ``torch.nn.InstanceNorm{1,2,3}d`` with this module's state (copied).
+
+        Examples
+        --------
+        >>> import cinstnorm as cin
+        >>> tm = cin.InstanceNorm2d(3, affine=True).to_torch()  # doctest: +SKIP
+        """
+        import torch
+
+        cls = getattr(torch.nn, type(self).__name__)
+        tm = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                 track_running_stats=self.track_running_stats,
+                 bias=not self.affine or self.bias is not None,
+                 dtype=getattr(torch, self.dtype.name))
+        with torch.no_grad():
+            tm.load_state_dict({k: torch.from_dlpack(np.ascontiguousarray(v))
+                                for k, v in self.state_dict().items()})
+        return tm.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -1,0 +1,728 @@
+/* CUDA kernels of cinstnorm: instance normalization of P planes of L elements each.
+ *
+ * Compiled at run time by CuPy (NVRTC) once per device and element type: every kernel is a
+ * template over T = float or double, instantiated through CuPy's `name_expressions` (see
+ * cinstnorm/_gpu.py, which also chooses the regime and launches).  No headers are included, so
+ * the same text compiles under NVRTC and under nvcc (tests/test_cuda_compile.py).
+ *
+ * Data: x, y, dy, dx are C-contiguous (P, L) arrays of T.  Per-plane parameters (weight, bias,
+ * given mean/var/rstd) are float64 arrays read as a[(p / C) * ns + p % C]: ns = 0 for a
+ * per-channel (C,) array, ns = C for a per-plane (N, C) one; a null pointer means the default
+ * (weight 1, bias 0).  Statistics are written as float64 per plane.  Every element offset is
+ * 64-bit.
+ *
+ * Slots: a plane is read in slots of 16 bytes (4 floats or 2 doubles).  With `vec` set, slot 0
+ * starts at the 16-byte boundary at or before the plane's first element, so every slot that
+ * lies entirely inside the plane is one aligned 16-byte load or store; the first and last slots
+ * may be partial and are read and written element by element.  `vec` requires every array of
+ * the call to have the same address modulo 16 (the host checks); without it all slots are read
+ * element by element, which is correct for any alignment.
+ *
+ * Regimes (the host picks one per call; at most two launches):
+ *   group : a power-of-two group of G <= 32 lanes per plane, S slots per lane held in registers,
+ *           shuffle reductions: 1 read + 1 write (small planes).
+ *   block : a thread block per plane, S slots per thread in registers, block reductions:
+ *           1 read + 1 write (medium planes, enough of them to fill the device).
+ *   chunk : kernel A writes per-chunk partial results; kernel B merges a plane's partials in
+ *           its prologue, while its first loads are in flight, and finishes its chunk
+ *           (large planes, or too few planes to fill the device).
+ *
+ * Numerics: statistics from registers are exact two-pass: a mean estimate m1 from sums around
+ * the plane's first element, then sum(x - k) and sum((x - k)^2) around k = m1 rounded to T, so
+ * x - k is exact near the mean; each thread accumulates its few dozen elements in T and the
+ * reductions across threads are in double.  Chunk partials are (count, mean, M2) from sums in
+ * T around the chunk's first element, merged in double (sum of counts and count-weighted
+ * means, then M2 = sum(M2_j + n_j (mean_j - mean)^2), which has no cancellation).
+ * Normalization is y = (x - k) * alpha + beta with k = mean rounded to T, alpha = rstd * w and
+ * beta = b - (mean - k) * alpha computed in double: no x * alpha + beta cancellation.
+ */
+
+#define CIN_DEV __device__ __forceinline__
+
+/* Threads per block of the group and chunk kernels, and the most threads of a block kernel;
+ * _gpu.py uses the same numbers (GROUP_THREADS, CHUNK_THREADS, BLOCK_MAX_THREADS). */
+#define CIN_GROUP_THREADS 256
+#define CIN_CHUNK_THREADS 256
+#define CIN_BLOCK_MAX_THREADS 512
+/* Slots per thread per loop iteration of the chunk kernels (independent loads in flight). */
+#define CIN_CHUNK_UNROLL 4
+
+namespace cin {
+
+template <typename T> struct Vec;
+template <> struct Vec<float> { static constexpr int n = 4; };
+template <> struct Vec<double> { static constexpr int n = 2; };
+
+/* ---- 16-byte and scalar memory access ---------------------------------------------------- */
+
+CIN_DEV void vload(const float* __restrict__ p, float (&v)[4])
+{
+    const float4 q = __ldg(reinterpret_cast<const float4*>(p));
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+
+CIN_DEV void vload(const double* __restrict__ p, double (&v)[2])
+{
+    const double2 q = __ldg(reinterpret_cast<const double2*>(p));
+    v[0] = q.x; v[1] = q.y;
+}
+
+/* Outputs are never read again by these kernels: streaming (evict-first) stores keep x, which
+ * the chunk regime reads twice, in L2. */
+CIN_DEV void vstore(float* __restrict__ p, const float (&v)[4])
+{
+    __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+}
+
+CIN_DEV void vstore(double* __restrict__ p, const double (&v)[2])
+{
+    __stcs(reinterpret_cast<double2*>(p), make_double2(v[0], v[1]));
+}
+
+/* The elements [lo, hi) of one plane that a group, block or chunk reads and writes, seen as
+ * 16-byte slots: slot s holds elements s*n - head ... s*n - head + n - 1. */
+template <typename T>
+struct Window {
+    static constexpr int n = Vec<T>::n;
+    long long lo, hi;
+    int head;   // elements of the plane before its first 16-byte boundary (0 without vec)
+    bool vec;   // whole slots are 16-byte aligned in every array of the call
+
+    CIN_DEV long long first(long long s) const { return s * n - head; }
+    CIN_DEV bool valid(long long e) const { return e >= lo && e < hi; }
+    CIN_DEV bool full(long long e0) const { return vec && e0 >= lo && e0 + n <= hi; }
+};
+
+template <typename T>
+CIN_DEV int plane_head(const T* p, long long vec)
+{
+    return vec ? (int)((reinterpret_cast<unsigned long long>(p) & 15ull) / sizeof(T)) : 0;
+}
+
+template <typename T>
+CIN_DEV long long plane_slots(long long L, int head)
+{
+    return (L + head + Vec<T>::n - 1) / Vec<T>::n;
+}
+
+template <typename T>
+CIN_DEV Window<T> plane_window(const T* p, long long L, long long vec)
+{
+    Window<T> w;
+    w.head = plane_head(p, vec);
+    w.vec = vec != 0;
+    w.lo = 0;
+    w.hi = L;
+    return w;
+}
+
+/* Chunk j of a plane: slots [s0, s1) of chunk_slots each (the last ones may be short or empty). */
+template <typename T>
+CIN_DEV Window<T> chunk_window(const T* p, long long L, long long vec, long long j,
+                               long long chunk_slots, long long& s0, long long& s1)
+{
+    Window<T> w = plane_window(p, L, vec);
+    const long long ns = plane_slots<T>(L, w.head);
+    s0 = j * chunk_slots;
+    if (s0 > ns) s0 = ns;
+    s1 = s0 + chunk_slots;
+    if (s1 > ns) s1 = ns;
+    const long long lo = w.first(s0), hi = w.first(s1);
+    w.lo = lo < 0 ? 0 : lo;
+    w.hi = hi > L ? L : hi;
+    if (w.hi < w.lo) w.hi = w.lo;
+    return w;
+}
+
+/* U slots s, s + stride, ...: elements outside the window read as 0 without touching memory. */
+template <typename T, int U>
+CIN_DEV void load_batch(const T* __restrict__ p, const Window<T>& w, long long s,
+                        long long stride, T (&v)[U][Vec<T>::n])
+{
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const long long e0 = w.first(s + u * stride);
+        if (w.full(e0)) {
+            vload(p + e0, v[u]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < Vec<T>::n; ++j) {
+                T t = T(0);
+                if (w.valid(e0 + j)) t = __ldg(p + e0 + j);
+                v[u][j] = t;
+            }
+        }
+    }
+}
+
+/* Writes only the elements inside the window. */
+template <typename T, int U>
+CIN_DEV void store_batch(T* __restrict__ p, const Window<T>& w, long long s, long long stride,
+                         const T (&v)[U][Vec<T>::n])
+{
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const long long e0 = w.first(s + u * stride);
+        if (w.full(e0)) {
+            vstore(p + e0, v[u]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < Vec<T>::n; ++j)
+                if (w.valid(e0 + j)) __stcs(p + e0 + j, v[u][j]);
+        }
+    }
+}
+
+/* f(u, j) for every element of the batch that lies inside the window. */
+template <typename T, int U, class F>
+CIN_DEV void for_valid(const Window<T>& w, long long s, long long stride, F&& f)
+{
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const long long e0 = w.first(s + u * stride);
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j)
+            if (w.valid(e0 + j)) f(u, j);
+    }
+}
+
+template <typename T>
+CIN_DEV double hsum(const T (&a)[Vec<T>::n])
+{
+    double t = 0.0;
+#pragma unroll
+    for (int j = 0; j < Vec<T>::n; ++j) t += (double)a[j];
+    return t;
+}
+
+/* ---- reductions ---------------------------------------------------------------------------
+ * Both leave the same total in every participating thread: the xor butterfly gives every lane
+ * the same tree of additions (and IEEE addition is commutative), and every warp of a block
+ * reduces the same per-warp totals in the same order.  Results are therefore bitwise equal
+ * across the blocks of a plane and across runs. */
+
+/* Lanes [g*width, (g+1)*width) of a warp; width a power of two <= 32.  Every lane of the warp
+ * must call it. */
+struct GroupSum {
+    int width;
+
+    template <int K>
+    CIN_DEV void operator()(double (&v)[K]) const
+    {
+        for (int off = width >> 1; off > 0; off >>= 1) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+        }
+    }
+};
+
+/* The whole block (blockDim.x a multiple of 32, at most 1024); buf holds 32*K doubles. */
+struct BlockSum {
+    double* buf;
+
+    template <int K>
+    CIN_DEV void operator()(double (&v)[K]) const
+    {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int warps = blockDim.x >> 5;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) buf[k * 32 + warp] = v[k];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            double t = lane < warps ? buf[k * 32 + lane] : 0.0;
+            for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+            v[k] = t;
+        }
+        __syncthreads();  // buf may be reused by the next reduction
+    }
+};
+
+/* ---- per-plane parameters and the elementwise maps ------------------------------------- */
+
+CIN_DEV double plane_param(const double* __restrict__ a, long long ns, long long C, long long p,
+                           double fallback)
+{
+    return a ? a[(p / C) * ns + p % C] : fallback;
+}
+
+CIN_DEV double clamp_m2(double m2)
+{
+    return m2 < 0.0 ? 0.0 : m2;  // keeps NaN (fmax would not)
+}
+
+/* y = (x - k) * a + b: (x - mean) * rstd * w + bias without the x * alpha + beta cancellation. */
+template <typename T>
+struct Normalize {
+    T k, a, b;
+
+    CIN_DEV Normalize(double mean, double rstd, double w, double bias)
+    {
+        k = (T)mean;
+        const double alpha = rstd * w;
+        a = (T)alpha;
+        b = (T)(bias - (mean - (double)k) * alpha);
+    }
+
+    CIN_DEV T operator()(T x) const { return (x - k) * a + b; }
+};
+
+/* dx = a*dy + b*(x - k) + c with instance statistics (SPEC.md, Backward, rearranged per plane);
+ * dx = a*dy with fixed statistics, which never reads x (a NaN in x must not leak into dx). */
+template <typename T>
+struct Grad {
+    T k, a, b, c;
+    bool input_stats;
+
+    CIN_DEV Grad(double mean, double rstd, double w, double sdy, double sdyc, double inv_l,
+                 bool use_input_stats)
+    {
+        input_stats = use_input_stats;
+        k = (T)mean;
+        const double ad = w * rstd;
+        double bd = 0.0, cd = 0.0;
+        if (use_input_stats) {
+            bd = -ad * rstd * rstd * sdyc * inv_l;
+            cd = -ad * sdy * inv_l + bd * ((double)k - mean);
+        }
+        a = (T)ad;
+        b = (T)bd;
+        c = (T)cd;
+    }
+
+    CIN_DEV T operator()(T dy, T x) const
+    {
+        return input_stats ? a * dy + b * (x - k) + c : a * dy;
+    }
+};
+
+/* ---- one plane held in registers (group and block regimes) ----------------------------- */
+
+/* Exact two-pass mean and biased variance of the window's elements in v (see the header). */
+template <typename T, int S, class Sum>
+CIN_DEV void register_stats(const Sum& sum, const T* __restrict__ xp, const Window<T>& w,
+                            long long first, long long stride, const T (&v)[S][Vec<T>::n],
+                            double inv_l, double& mean, double& var)
+{
+    constexpr int n = Vec<T>::n;
+    const T k0 = w.hi > w.lo ? __ldg(xp + w.lo) : T(0);
+    T a[n] = {};
+    for_valid<T, S>(w, first, stride, [&](int u, int j) { a[j] += v[u][j] - k0; });
+    double s1[1] = {hsum<T>(a)};
+    sum(s1);
+    const T k = (T)((double)k0 + s1[0] * inv_l);
+    T c1[n] = {}, c2[n] = {};
+    for_valid<T, S>(w, first, stride, [&](int u, int j) {
+        const T d = v[u][j] - k;
+        c1[j] += d;
+        c2[j] += d * d;
+    });
+    double s2[2] = {hsum<T>(c1), hsum<T>(c2)};
+    sum(s2);
+    mean = (double)k + s2[0] * inv_l;
+    var = clamp_m2(s2[1] - s2[0] * s2[0] * inv_l) * inv_l;
+}
+
+template <typename T, int S>
+CIN_DEV void normalize_registers(T (&v)[S][Vec<T>::n], const Normalize<T>& f)
+{
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j) v[u][j] = f(v[u][j]);
+    }
+}
+
+/* Backward of one plane from registers; returns sum(dy) and sum(dy * (x - mean)). */
+template <typename T, int S, class Sum>
+CIN_DEV void register_backward(const Sum& sum, const T* __restrict__ dyp,
+                               const T* __restrict__ xp, T* __restrict__ dxp,
+                               const Window<T>& w, long long first, long long stride,
+                               double inv_l, double mean, double rstd, double wt,
+                               bool input_stats, double& sdy, double& sdyc)
+{
+    constexpr int n = Vec<T>::n;
+    T g[S][n], v[S][n];
+    load_batch<T, S>(dyp, w, first, stride, g);
+    load_batch<T, S>(xp, w, first, stride, v);
+    const T k = (T)mean;
+    T a1[n] = {}, a2[n] = {};
+    for_valid<T, S>(w, first, stride, [&](int u, int j) {
+        a1[j] += g[u][j];
+        a2[j] += g[u][j] * (v[u][j] - k);
+    });
+    double s[2] = {hsum<T>(a1), hsum<T>(a2)};
+    sum(s);
+    sdy = s[0];
+    sdyc = s[1] + ((double)k - mean) * sdy;
+    const Grad<T> f(mean, rstd, wt, sdy, sdyc, inv_l, input_stats);
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < n; ++j) g[u][j] = f(g[u][j], v[u][j]);
+    }
+    store_batch<T, S>(dxp, w, first, stride, g);
+}
+
+/* Mean and M2 of a plane from its chunks' (count, mean, M2) partials, the same in every block. */
+CIN_DEV void merge_partials(const BlockSum& sum, const double* __restrict__ part, long long chunks,
+                            double& mean, double& m2)
+{
+    double a[2] = {0.0, 0.0};
+    for (long long i = threadIdx.x; i < chunks; i += blockDim.x) {
+        a[0] += part[3 * i];
+        a[1] += part[3 * i] * part[3 * i + 1];
+    }
+    sum(a);
+    mean = a[1] / a[0];
+    double c[1] = {0.0};
+    for (long long i = threadIdx.x; i < chunks; i += blockDim.x) {
+        const double d = part[3 * i + 1] - mean;
+        c[0] += part[3 * i + 2] + part[3 * i] * d * d;
+    }
+    sum(c);
+    m2 = c[0];
+}
+
+}  // namespace cin
+
+/* ==== forward: instance statistics, or given ones (eval) ================================== */
+
+/* Group regime.  Planes p = t / group for global thread t; lane r of a group owns slots
+ * r, r + group, ..., r + (S-1)*group.  fixed_mean != null: normalize with the given mean and
+ * var (eval) instead of the plane's statistics.  Stats outputs may be null. */
+template <typename T, int S>
+__global__ void __launch_bounds__(CIN_GROUP_THREADS)
+cin_fwd_group(const T* __restrict__ x, T* __restrict__ y, long long P, long long L, long long C,
+              long long group, long long vec,
+              const double* __restrict__ weight, long long w_ns,
+              const double* __restrict__ bias, long long b_ns,
+              const double* __restrict__ fixed_mean, long long m_ns,
+              const double* __restrict__ fixed_var, long long v_ns, double eps,
+              double* __restrict__ mean_out, double* __restrict__ var_out,
+              double* __restrict__ rstd_out)
+{
+    using namespace cin;
+    constexpr int n = Vec<T>::n;
+    const int G = (int)group;
+    const long long p = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / G;
+    const bool active = p < P;
+    const long long q = active ? p : 0;  // lanes past the last plane still join the shuffles
+    const T* xp = x + q * L;
+    Window<T> w = plane_window(xp, active ? L : 0, vec);
+    const long long first = threadIdx.x & (G - 1);
+    T v[S][n];
+    load_batch<T, S>(xp, w, first, G, v);
+    double mean, var;
+    if (fixed_mean) {
+        mean = plane_param(fixed_mean, m_ns, C, q, 0.0);
+        var = plane_param(fixed_var, v_ns, C, q, 1.0);
+    } else {
+        register_stats<T, S>(GroupSum{G}, xp, w, first, G, v, 1.0 / (double)L, mean, var);
+    }
+    const double rstd = 1.0 / sqrt(var + eps);
+    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, q, 1.0),
+                                              plane_param(bias, b_ns, C, q, 0.0)));
+    store_batch<T, S>(y + q * L, w, first, G, v);
+    if (active && first == 0 && mean_out) {
+        mean_out[p] = mean;
+        var_out[p] = var;
+        rstd_out[p] = rstd;
+    }
+}
+
+/* Block regime: block p normalizes plane p; thread t owns slots t, t + blockDim.x, ... */
+template <typename T, int S>
+__global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS)
+cin_fwd_block(const T* __restrict__ x, T* __restrict__ y, long long L, long long C, long long vec,
+              const double* __restrict__ weight, long long w_ns,
+              const double* __restrict__ bias, long long b_ns, double eps,
+              double* __restrict__ mean_out, double* __restrict__ var_out,
+              double* __restrict__ rstd_out)
+{
+    using namespace cin;
+    constexpr int n = Vec<T>::n;
+    __shared__ double buf[64];
+    const long long p = blockIdx.x;
+    const T* xp = x + p * L;
+    const Window<T> w = plane_window(xp, L, vec);
+    T v[S][n];
+    load_batch<T, S>(xp, w, threadIdx.x, blockDim.x, v);
+    double mean, var;
+    register_stats<T, S>(BlockSum{buf}, xp, w, threadIdx.x, blockDim.x, v, 1.0 / (double)L,
+                         mean, var);
+    const double rstd = 1.0 / sqrt(var + eps);
+    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
+                                              plane_param(bias, b_ns, C, p, 0.0)));
+    store_batch<T, S>(y + p * L, w, threadIdx.x, blockDim.x, v);
+    if (threadIdx.x == 0) {
+        mean_out[p] = mean;
+        var_out[p] = var;
+        rstd_out[p] = rstd;
+    }
+}
+
+/* Chunk regime, kernel A: block b = p * chunks + j writes part[3b..3b+2] = (count, mean, M2) of
+ * chunk j of plane p, from sums in T around the chunk's first element. */
+template <typename T>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+cin_fwd_chunk_stats(const T* __restrict__ x, long long L, long long chunks,
+                    long long chunk_slots, long long vec, double* __restrict__ part)
+{
+    using namespace cin;
+    constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
+    __shared__ double buf[64];
+    const long long b = blockIdx.x, p = b / chunks, j = b % chunks;
+    const T* xp = x + p * L;
+    long long s0, s1;
+    const Window<T> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
+    const long long count = w.hi - w.lo;
+    const T k = count > 0 ? __ldg(xp + w.lo) : T(0);
+    T a1[n] = {}, a2[n] = {};
+    for (long long s = s0 + threadIdx.x; s < s1; s += U * (long long)blockDim.x) {
+        T v[U][n];
+        load_batch<T, U>(xp, w, s, blockDim.x, v);
+        for_valid<T, U>(w, s, blockDim.x, [&](int u, int jj) {
+            const T d = v[u][jj] - k;
+            a1[jj] += d;
+            a2[jj] += d * d;
+        });
+    }
+    double s[2] = {hsum<T>(a1), hsum<T>(a2)};
+    BlockSum{buf}(s);
+    if (threadIdx.x == 0) {
+        double* o = part + 3 * b;
+        if (count > 0) {
+            const double dm = s[0] / (double)count;
+            o[0] = (double)count;
+            o[1] = (double)k + dm;
+            o[2] = clamp_m2(s[1] - s[0] * dm);
+        } else {
+            o[0] = o[1] = o[2] = 0.0;
+        }
+    }
+}
+
+/* Chunk regime, kernel B (and the whole eval forward for planes past the group regime):
+ * block b = p * chunks + j normalizes chunk j of plane p, with the plane's statistics merged
+ * from part (part != null) or the given fixed_mean/fixed_var.  Block j == 0 writes the plane's
+ * statistics when mean_out != null. */
+template <typename T>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long long C,
+                   long long chunks, long long chunk_slots, long long vec,
+                   const double* __restrict__ part,
+                   const double* __restrict__ fixed_mean, long long m_ns,
+                   const double* __restrict__ fixed_var, long long v_ns,
+                   const double* __restrict__ weight, long long w_ns,
+                   const double* __restrict__ bias, long long b_ns, double eps,
+                   double* __restrict__ mean_out, double* __restrict__ var_out,
+                   double* __restrict__ rstd_out)
+{
+    using namespace cin;
+    constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
+    __shared__ double buf[64];
+    const long long b = blockIdx.x, p = b / chunks, j = b % chunks;
+    const T* xp = x + p * L;
+    T* yp = y + p * L;
+    long long s0, s1;
+    const Window<T> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
+    const long long step = U * (long long)blockDim.x;
+    long long s = s0 + threadIdx.x;
+    T v[U][n];
+    load_batch<T, U>(xp, w, s, blockDim.x, v);  // in flight during the merge
+    double mean, var;
+    if (part) {
+        double m2;
+        merge_partials(BlockSum{buf}, part + 3 * p * chunks, chunks, mean, m2);
+        var = m2 / (double)L;
+    } else {
+        mean = plane_param(fixed_mean, m_ns, C, p, 0.0);
+        var = plane_param(fixed_var, v_ns, C, p, 1.0);
+    }
+    const double rstd = 1.0 / sqrt(var + eps);
+    const Normalize<T> f(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
+                         plane_param(bias, b_ns, C, p, 0.0));
+    if (j == 0 && threadIdx.x == 0 && mean_out) {
+        mean_out[p] = mean;
+        var_out[p] = var;
+        rstd_out[p] = rstd;
+    }
+    for (;;) {
+        normalize_registers<T, U>(v, f);
+        store_batch<T, U>(yp, w, s, blockDim.x, v);
+        s += step;
+        if (s >= s1) break;
+        load_batch<T, U>(xp, w, s, blockDim.x, v);
+    }
+}
+
+/* ==== backward =========================================================================== *
+ * mean, rstd: the forward's per-plane statistics (or the running ones, input_stats == 0).
+ * Outputs: dx, sum_dy[p] = sum(dy), sum_dy_xhat[p] = sum(dy * (x - mean)) * rstd. */
+
+template <typename T, int S>
+__global__ void __launch_bounds__(CIN_GROUP_THREADS)
+cin_bwd_group(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+              long long P, long long L, long long C, long long group, long long vec,
+              const double* __restrict__ mean_p, long long m_ns,
+              const double* __restrict__ rstd_p, long long r_ns,
+              const double* __restrict__ weight, long long w_ns, long long input_stats,
+              double* __restrict__ sum_dy, double* __restrict__ sum_dy_xhat)
+{
+    using namespace cin;
+    const int G = (int)group;
+    const long long p = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / G;
+    const bool active = p < P;
+    const long long q = active ? p : 0;
+    const long long off = q * L;
+    const Window<T> w = plane_window(x + off, active ? L : 0, vec);
+    const long long first = threadIdx.x & (G - 1);
+    const double rstd = plane_param(rstd_p, r_ns, C, q, 1.0);
+    double sdy, sdyc;
+    register_backward<T, S>(GroupSum{G}, dy + off, x + off, dx + off, w, first, G,
+                            1.0 / (double)L, plane_param(mean_p, m_ns, C, q, 0.0), rstd,
+                            plane_param(weight, w_ns, C, q, 1.0), input_stats != 0, sdy, sdyc);
+    if (active && first == 0) {
+        sum_dy[p] = sdy;
+        sum_dy_xhat[p] = sdyc * rstd;
+    }
+}
+
+template <typename T, int S>
+__global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS)
+cin_bwd_block(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+              long long L, long long C, long long vec,
+              const double* __restrict__ mean_p, long long m_ns,
+              const double* __restrict__ rstd_p, long long r_ns,
+              const double* __restrict__ weight, long long w_ns, long long input_stats,
+              double* __restrict__ sum_dy, double* __restrict__ sum_dy_xhat)
+{
+    using namespace cin;
+    __shared__ double buf[64];
+    const long long p = blockIdx.x, off = p * L;
+    const Window<T> w = plane_window(x + off, L, vec);
+    const double rstd = plane_param(rstd_p, r_ns, C, p, 1.0);
+    double sdy, sdyc;
+    register_backward<T, S>(BlockSum{buf}, dy + off, x + off, dx + off, w, threadIdx.x,
+                            blockDim.x, 1.0 / (double)L, plane_param(mean_p, m_ns, C, p, 0.0),
+                            rstd, plane_param(weight, w_ns, C, p, 1.0), input_stats != 0,
+                            sdy, sdyc);
+    if (threadIdx.x == 0) {
+        sum_dy[p] = sdy;
+        sum_dy_xhat[p] = sdyc * rstd;
+    }
+}
+
+/* Chunk regime, kernel A: part[2b], part[2b+1] = sum(dy), sum(dy * (x - k)) of chunk j of
+ * plane p (b = p * chunks + j, k = mean rounded to T).  With fixed statistics dx = w*rstd*dy
+ * needs no sums, so this kernel also writes dx, and kernel B only merges the sums. */
+template <typename T>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+cin_bwd_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                   long long L, long long C, long long chunks, long long chunk_slots,
+                   long long vec, const double* __restrict__ mean_p, long long m_ns,
+                   const double* __restrict__ rstd_p, long long r_ns,
+                   const double* __restrict__ weight, long long w_ns, long long input_stats,
+                   double* __restrict__ part)
+{
+    using namespace cin;
+    constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
+    __shared__ double buf[64];
+    const long long b = blockIdx.x, p = b / chunks, j = b % chunks, off = p * L;
+    long long s0, s1;
+    const Window<T> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
+    const double mean = plane_param(mean_p, m_ns, C, p, 0.0);
+    const T k = (T)mean;
+    const Grad<T> f(mean, plane_param(rstd_p, r_ns, C, p, 1.0),
+                    plane_param(weight, w_ns, C, p, 1.0), 0.0, 0.0, 0.0, false);
+    T a1[n] = {}, a2[n] = {};
+    for (long long s = s0 + threadIdx.x; s < s1; s += U * (long long)blockDim.x) {
+        T g[U][n], v[U][n];
+        load_batch<T, U>(dy + off, w, s, blockDim.x, g);
+        load_batch<T, U>(x + off, w, s, blockDim.x, v);
+        for_valid<T, U>(w, s, blockDim.x, [&](int u, int jj) {
+            a1[jj] += g[u][jj];
+            a2[jj] += g[u][jj] * (v[u][jj] - k);
+        });
+        if (!input_stats) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int jj = 0; jj < n; ++jj) g[u][jj] = f(g[u][jj], v[u][jj]);
+            }
+            store_batch<T, U>(dx + off, w, s, blockDim.x, g);
+        }
+    }
+    double s[2] = {hsum<T>(a1), hsum<T>(a2)};
+    BlockSum{buf}(s);
+    if (threadIdx.x == 0) {
+        part[2 * b] = s[0];
+        part[2 * b + 1] = s[1];
+    }
+}
+
+/* Chunk regime, kernel B: merges the plane's partial sums (the same in every block) and, with
+ * instance statistics, computes dx of chunk j.  Grid: P * chunks blocks with instance
+ * statistics, P blocks with fixed ones (dx is already written). */
+template <typename T>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                 long long L, long long C, long long chunks, long long chunk_slots,
+                 long long vec, const double* __restrict__ mean_p, long long m_ns,
+                 const double* __restrict__ rstd_p, long long r_ns,
+                 const double* __restrict__ weight, long long w_ns, long long input_stats,
+                 const double* __restrict__ part, double* __restrict__ sum_dy,
+                 double* __restrict__ sum_dy_xhat)
+{
+    using namespace cin;
+    constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
+    __shared__ double buf[64];
+    const long long per_plane = input_stats ? chunks : 1;
+    const long long b = blockIdx.x, p = b / per_plane, j = b % per_plane, off = p * L;
+    long long s0, s1;
+    const Window<T> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
+    const long long step = U * (long long)blockDim.x;
+    long long s = s0 + threadIdx.x;
+    T g[U][n], v[U][n];
+    if (input_stats) {  // in flight during the merge
+        load_batch<T, U>(dy + off, w, s, blockDim.x, g);
+        load_batch<T, U>(x + off, w, s, blockDim.x, v);
+    }
+    const double mean = plane_param(mean_p, m_ns, C, p, 0.0);
+    const double rstd = plane_param(rstd_p, r_ns, C, p, 1.0);
+    const double* pp = part + 2 * p * chunks;
+    double a[2] = {0.0, 0.0};
+    for (long long i = threadIdx.x; i < chunks; i += blockDim.x) {
+        a[0] += pp[2 * i];
+        a[1] += pp[2 * i + 1];
+    }
+    BlockSum{buf}(a);
+    const double sdy = a[0];
+    const double sdyc = a[1] + ((double)(T)mean - mean) * sdy;
+    if (j == 0 && threadIdx.x == 0) {
+        sum_dy[p] = sdy;
+        sum_dy_xhat[p] = sdyc * rstd;
+    }
+    if (!input_stats) return;
+    const Grad<T> f(mean, rstd, plane_param(weight, w_ns, C, p, 1.0), sdy, sdyc,
+                    1.0 / (double)L, true);
+    for (;;) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int jj = 0; jj < n; ++jj) g[u][jj] = f(g[u][jj], v[u][jj]);
+        }
+        store_batch<T, U>(dx + off, w, s, blockDim.x, g);
+        s += step;
+        if (s >= s1) break;
+        load_batch<T, U>(dy + off, w, s, blockDim.x, g);
+        load_batch<T, U>(x + off, w, s, blockDim.x, v);
+    }
+}

@@ -247,11 +247,13 @@ class _InstanceNorm:
     # ---- torch interop (torch optional) -----------------------------------------------------
 
     @classmethod
-    def from_torch(cls, module):
+    def from_torch(cls, module, dtype=None):
         """A cinstnorm module with the configuration and state of a torch norm module.
 
         Takes ``torch.nn.InstanceNorm{1,2,3}d`` (or a BatchNorm with the same keys); weight,
         bias and running statistics are copied (through DLPack), train/eval mode is kept.
+        ``dtype`` defaults to that of the module's tensors; a module without any (no affine,
+        no tracking) gives float32 unless ``dtype`` says otherwise.
 
         Examples
         --------
@@ -260,7 +262,8 @@ class _InstanceNorm:
         """
         ref = module.weight if getattr(module, "weight", None) is not None else \
             getattr(module, "running_mean", None)
-        dtype = None if ref is None else _as_host_array(ref).dtype
+        if dtype is None and ref is not None:
+            dtype = _as_host_array(ref).dtype
         affine = bool(getattr(module, "affine", False))
         m = cls(int(module.num_features), eps=float(module.eps), momentum=module.momentum,
                 affine=affine, track_running_stats=bool(module.track_running_stats),

@@ -27,7 +27,8 @@ def test_round_trip_reproduces_torch(torch, rng, dim, affine, bias, tracking, dt
             if bias:
                 tm.bias.uniform_(-1, 1)
         tm(torch.from_numpy(x))  # move the running stats away from their defaults
-    m = CLASSES[dim].from_torch(tm)
+    m = CLASSES[dim].from_torch(tm, dtype=None if affine or tracking else dtype)
+    assert m.dtype == dtype
     assert repr(m) == repr(tm)
     for mode in ("train", "eval"):
         getattr(tm, mode)()

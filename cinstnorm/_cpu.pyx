@@ -53,6 +53,25 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                            double k, double a, double b, double c, int stream)
     void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a, int stream)
     void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a, int stream)
+    void cin_cl_stats_f(const float *x, Py_ssize_t rows, Py_ssize_t C, float *s1, float *s2,
+                        float *k, double *mean, double *m2)
+    void cin_cl_stats_d(const double *x, Py_ssize_t rows, Py_ssize_t C, double *s1, double *s2,
+                        double *k, double *mean, double *m2)
+    void cin_cl_normalize_f(const float *x, float *y, Py_ssize_t rows, Py_ssize_t C,
+                            const float *k, const float *a, const float *b)
+    void cin_cl_normalize_d(const double *x, double *y, Py_ssize_t rows, Py_ssize_t C,
+                            const double *k, const double *a, const double *b)
+    void cin_cl_backward_sums_f(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t C,
+                                const float *k, float *s1, float *s2, double *sdy, double *sdyx)
+    void cin_cl_backward_sums_d(const double *dy, const double *x, Py_ssize_t rows,
+                                Py_ssize_t C, const double *k, double *s1, double *s2,
+                                double *sdy, double *sdyx)
+    void cin_cl_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t rows,
+                              Py_ssize_t C, const float *k, const float *a, const float *b,
+                              const float *cc)
+    void cin_cl_backward_dx_d(const double *dy, const double *x, double *dx, Py_ssize_t rows,
+                              Py_ssize_t C, const double *k, const double *a, const double *b,
+                              const double *cc)
 
 cdef extern from *:
     """
@@ -361,6 +380,183 @@ cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
             var[p] = var[p] * inv_l
     return 0
 
+# ---- channels-last drivers: x is (N, L, C) C-contiguous, i.e. (N, *spatial, C) memory ----------
+# Work items are (sample, block of rows); each item computes per-channel partial results for
+# all C channels with loops vectorised over c, a per-(n, c) merge follows, then a third loop
+# over the same items (same static schedule) finishes them.
+
+cdef Py_ssize_t _cl_chunks(Py_ssize_t N, Py_ssize_t L, Py_ssize_t C, Py_ssize_t itemsize,
+                           int n_threads) noexcept nogil:
+    """Row blocks per sample: about CHUNK_BYTES each, and at least n_threads items in all."""
+    cdef Py_ssize_t rows = CHUNK_BYTES // (C * itemsize)
+    cdef Py_ssize_t k
+    if rows < 1:
+        rows = 1
+    k = (L + rows - 1) // rows
+    if N * k < n_threads:
+        k = (n_threads + N - 1) // N
+    if k > L:
+        k = L
+    return k if k > 1 else 1
+
+
+cdef inline Py_ssize_t _row_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) noexcept nogil:
+    return L if j >= k else (L * j) // k
+
+
+cdef inline void _cl_stats(const floating *x, Py_ssize_t rows, Py_ssize_t C, floating *s1,
+                           floating *s2, floating *k, double *mean, double *m2) noexcept nogil:
+    if floating is float:
+        cin_cl_stats_f(x, rows, C, s1, s2, k, mean, m2)
+    else:
+        cin_cl_stats_d(x, rows, C, s1, s2, k, mean, m2)
+
+
+cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t C,
+                               const floating *k, const floating *a,
+                               const floating *b) noexcept nogil:
+    if floating is float:
+        cin_cl_normalize_f(x, y, rows, C, k, a, b)
+    else:
+        cin_cl_normalize_d(x, y, rows, C, k, a, b)
+
+
+cdef inline void _cl_bwd_sums(const floating *dy, const floating *x, Py_ssize_t rows,
+                              Py_ssize_t C, const floating *k, floating *s1, floating *s2,
+                              double *sdy, double *sdyx) noexcept nogil:
+    if floating is float:
+        cin_cl_backward_sums_f(dy, x, rows, C, k, s1, s2, sdy, sdyx)
+    else:
+        cin_cl_backward_sums_d(dy, x, rows, C, k, s1, s2, sdy, sdyx)
+
+
+cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
+                            Py_ssize_t C, const floating *k, const floating *a, const floating *b,
+                            const floating *cc) noexcept nogil:
+    if floating is float:
+        cin_cl_backward_dx_f(dy, x, dx, rows, C, k, a, b, cc)
+    else:
+        cin_cl_backward_dx_d(dy, x, dx, rows, C, k, a, b, cc)
+
+
+cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
+                          floating[:, :, ::1] y,        # OUT (N, L, C), may be x itself
+                          const double[::1] weight,     # IN  (P,), (C,) or empty
+                          const double[::1] bias,       # IN  (P,), (C,) or empty
+                          double eps,
+                          double[::1] mean,             # OUT (P,) plane p = n*C + c
+                          double[::1] var,              # OUT (P,) biased variance
+                          double[::1] rstd,             # OUT (P,)
+                          bint use_input_stats,         # False: mean/var given (eval)
+                          int n_threads) except -1:
+    """Channels-last forward: statistics (unless given) then normalization."""
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
+    n_threads = _team_size(N * L * C, n_threads)
+    cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
+    cdef Py_ssize_t i, j, n, c, p, lo, hi
+    cdef double cnt, m, m2, a
+    dt = np.float32 if floating is float else np.float64
+    cdef floating[:, :, ::1] scratch = np.empty((N * k, 3, C), dtype=dt)
+    cdef floating[:, :, ::1] coef = np.empty((3, N, C), dtype=dt)
+    cdef double[:, ::1] pmean = np.empty((N * k, C), dtype=np.float64)
+    cdef double[:, ::1] pm2 = np.empty((N * k, C), dtype=np.float64)
+    with nogil, parallel(num_threads=n_threads):
+        _record_team_size()
+        if use_input_stats:
+            for i in prange(N * k, schedule='static'):
+                n = i // k
+                lo = _row_start(L, k, i % k)
+                hi = _row_start(L, k, i % k + 1)
+                _cl_stats(&x[n, lo, 0], hi - lo, C, &scratch[i, 0, 0], &scratch[i, 1, 0],
+                          &scratch[i, 2, 0], &pmean[i, 0], &pm2[i, 0])
+        for p in prange(N * C, schedule='static'):
+            n = p // C
+            c = p % C
+            if use_input_stats:
+                cnt = 0.0
+                m = 0.0
+                m2 = 0.0
+                for j in range(k):
+                    cin_chan_merge(&cnt, &m, &m2,
+                                   <double>(_row_start(L, k, j + 1) - _row_start(L, k, j)),
+                                   pmean[n * k + j, c], pm2[n * k + j, c])
+                mean[p] = m
+                var[p] = m2 / <double>L
+                rstd[p] = 1.0 / sqrt(var[p] + eps)
+            coef[0, n, c] = <floating>mean[p]
+            a = rstd[p] * _param(weight, p, 1.0)
+            coef[1, n, c] = <floating>a
+            coef[2, n, c] = <floating>(_param(bias, p, 0.0) - (mean[p] - <double>coef[0, n, c]) * a)
+        for i in prange(N * k, schedule='static'):
+            n = i // k
+            lo = _row_start(L, k, i % k)
+            hi = _row_start(L, k, i % k + 1)
+            _cl_normalize(&x[n, lo, 0], &y[n, lo, 0], hi - lo, C, &coef[0, n, 0], &coef[1, n, 0],
+                          &coef[2, n, 0])
+    return 0
+
+
+cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
+                           const floating[:, :, ::1] x,   # IN  (N, L, C)
+                           const double[::1] mean,        # IN  (P,), (C,)
+                           const double[::1] rstd,        # IN  (P,), (C,)
+                           const double[::1] weight,      # IN  (P,), (C,) or empty
+                           floating[:, :, ::1] dx,        # OUT (N, L, C)
+                           double[::1] sum_dy,            # OUT (P,)
+                           double[::1] sum_dy_xhat,       # OUT (P,)
+                           bint use_input_stats,
+                           int n_threads) except -1:
+    """Channels-last backward: per-channel sums, then dx."""
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
+    n_threads = _team_size(N * L * C, n_threads)
+    cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
+    cdef Py_ssize_t i, j, n, c, p, lo, hi
+    cdef double sg, sx, mu, r, a, b, kd
+    dt = np.float32 if floating is float else np.float64
+    cdef floating[:, :, ::1] scratch = np.empty((N * k, 2, C), dtype=dt)
+    cdef floating[:, :, ::1] coef = np.empty((4, N, C), dtype=dt)
+    cdef double[:, ::1] pg = np.empty((N * k, C), dtype=np.float64)
+    cdef double[:, ::1] px = np.empty((N * k, C), dtype=np.float64)
+    with nogil, parallel(num_threads=n_threads):
+        _record_team_size()
+        for p in prange(N * C, schedule='static'):
+            coef[0, p // C, p % C] = <floating>_param(mean, p, 0.0)
+        for i in prange(N * k, schedule='static'):
+            n = i // k
+            lo = _row_start(L, k, i % k)
+            hi = _row_start(L, k, i % k + 1)
+            _cl_bwd_sums(&dy[n, lo, 0], &x[n, lo, 0], hi - lo, C, &coef[0, n, 0],
+                         &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, 0], &px[i, 0])
+        for p in prange(N * C, schedule='static'):
+            n = p // C
+            c = p % C
+            sg = 0.0
+            sx = 0.0
+            for j in range(k):
+                sg = sg + pg[n * k + j, c]
+                sx = sx + px[n * k + j, c]
+            mu = _param(mean, p, 0.0)
+            r = _param(rstd, p, 1.0)
+            kd = <double>coef[0, n, c]
+            sx = sx + (kd - mu) * sg       # centred: sum(dy * (x - mean))
+            sum_dy[p] = sg
+            sum_dy_xhat[p] = sx * r
+            a = _param(weight, p, 1.0) * r
+            b = 0.0
+            coef[3, n, c] = 0
+            if use_input_stats:
+                b = -a * r * r * sx / <double>L
+                coef[3, n, c] = <floating>(-a * sg / <double>L + b * (kd - mu))
+            coef[1, n, c] = <floating>a
+            coef[2, n, c] = <floating>b
+        for i in prange(N * k, schedule='static'):
+            n = i // k
+            lo = _row_start(L, k, i % k)
+            hi = _row_start(L, k, i % k + 1)
+            _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], hi - lo, C, &coef[0, n, 0],
+                       &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
+    return 0
+
 
 _F32 = np.dtype(np.float32)
 
@@ -375,6 +571,29 @@ def forward_train(x, y, weight, bias, double eps, mean, var, rstd, int n_threads
         _forward_train_impl[cython.float](x, y, weight, bias, eps, mean, var, rstd, n_threads)
     else:
         _forward_train_impl[cython.double](x, y, weight, bias, eps, mean, var, rstd, n_threads)
+
+
+def forward_channels_last(x, y, weight, bias, double eps, mean, var, rstd,
+                          bint use_input_stats, int n_threads):
+    """Forward on (N, L, C) C-contiguous x and y (channels-last memory). With use_input_stats
+    the statistics go into mean/var/rstd (P,); without, mean and rstd are read from them."""
+    if x.dtype == _F32:
+        _forward_cl_impl[cython.float](x, y, weight, bias, eps, mean, var, rstd,
+                                       use_input_stats, n_threads)
+    else:
+        _forward_cl_impl[cython.double](x, y, weight, bias, eps, mean, var, rstd,
+                                        use_input_stats, n_threads)
+
+
+def backward_channels_last(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
+                           bint use_input_stats, int n_threads):
+    """backward() for (N, L, C) C-contiguous dy, x and dx (channels-last memory)."""
+    if x.dtype == _F32:
+        _backward_cl_impl[cython.float](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
+                                        use_input_stats, n_threads)
+    else:
+        _backward_cl_impl[cython.double](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
+                                         use_input_stats, n_threads)
 
 
 def plane_stats(x, mean, var, int n_threads):

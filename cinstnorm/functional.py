@@ -18,7 +18,7 @@ __all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward", "
            "adain_backward"]
 
 
-# ---- plumbing between arbitrary NumPy arrays and the (P, L) kernels ----------------------------
+# ---- plumbing between arbitrary NumPy arrays and the kernels -----------------------------------
 
 _NONE = np.empty(0)  # "no parameter": the kernels then use 1 (scale) or 0 (shift, mean)
 
@@ -36,21 +36,60 @@ def _planes(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype).reshape(x.shape[0] * x.shape[1], -1)
 
 
-def _target(x: np.ndarray, x2: np.ndarray, out: Optional[np.ndarray], *also) -> np.ndarray:
-    """The array the kernel writes, shaped like x.
+class _Layout:
+    """How the kernels see an (N, C, *spatial) array: as C-contiguous (P, L) planes, or, when
+    its memory is channels-last ((N, *spatial, C), e.g. ``a_nhwc.transpose(0, 3, 1, 2)``), as
+    an (N, L, C) array read in place by the channels-last kernels."""
 
-    `out` itself when it can take the kernel's output: C-contiguous, of the compute dtype, and
-    each kernel input (x2 and `also`) either is exactly out's memory (elementwise in place) or
-    does not overlap it. Else x2 when it is a private copy of x (the kernels work in place,
-    which saves an x-sized allocation); else a new array.
-    """
-    if out is not None and out.dtype == x2.dtype and out.flags.c_contiguous:
-        if all(a.ctypes.data == out.ctypes.data or not np.may_share_memory(out, a)
-               for a in (x2,) + also):
-            return out
-    if not np.may_share_memory(x2, x):
-        return x2.reshape(x.shape)
-    return np.empty(x.shape, x2.dtype)
+    def __init__(self, x: np.ndarray):
+        self.shape = x.shape
+        self.cl = False
+        if x.ndim >= 3 and x.shape[1] > 1 and not x.flags.c_contiguous:
+            self.cl = np.moveaxis(x, 1, -1).flags.c_contiguous
+        N, C = x.shape[:2]
+        self.kshape = (N, -1, C) if self.cl else (N * C, -1)
+
+    def kernel_view(self, a: np.ndarray, dtype) -> np.ndarray:
+        """`a` (shaped like x) in kernel order and dtype: a view when possible, else a copy."""
+        if self.cl:
+            return np.ascontiguousarray(np.moveaxis(a, 1, -1), dtype=dtype).reshape(self.kshape)
+        return _planes(a, dtype)
+
+    def writable_view(self, a: np.ndarray, dtype):
+        """`a` in kernel order without a copy, or None when its memory is not laid out so."""
+        if a.dtype != dtype:
+            return None
+        k = np.moveaxis(a, 1, -1) if self.cl else a
+        return k.reshape(self.kshape) if k.flags.c_contiguous else None
+
+    def as_input_shape(self, k: np.ndarray) -> np.ndarray:
+        """A kernel-order array as an x-shaped view (keeping its memory order)."""
+        if self.cl:
+            N, C = self.shape[:2]
+            return np.moveaxis(k.reshape((N,) + self.shape[2:] + (C,)), -1, 1)
+        return k.reshape(self.shape)
+
+    def target(self, like: np.ndarray, xk: np.ndarray, out: Optional[np.ndarray], *also):
+        """(y, yk): the array the kernel writes, x-shaped and in kernel order.
+
+        `out` itself when it has the kernel's layout and dtype and each kernel input (xk and
+        `also`) either is exactly out's memory (elementwise in place) or does not overlap it;
+        else xk when it is a private copy of `like` (the kernels work in place, which saves an
+        allocation); else a new array.
+        """
+        if out is not None:
+            ok = self.writable_view(out, xk.dtype)
+            if ok is not None and all(a.ctypes.data == ok.ctypes.data
+                                      or not np.may_share_memory(ok, a) for a in (xk,) + also):
+                return out, ok
+        if not np.may_share_memory(xk, like):
+            return self.as_input_shape(xk), xk
+        yk = np.empty_like(xk)
+        return self.as_input_shape(yk), yk
+
+
+def _stride_order(a: np.ndarray) -> tuple:
+    return tuple(sorted(range(a.ndim), key=lambda ax: (-abs(a.strides[ax]), ax)))
 
 
 def _finish(result: np.ndarray, like: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
@@ -59,12 +98,20 @@ def _finish(result: np.ndarray, like: np.ndarray, out: Optional[np.ndarray]) -> 
         if result is not out:
             np.copyto(out, result, casting="same_kind")
         return out
-    if not like.flags.c_contiguous:
-        final = np.empty_like(like, order="K", subok=False)
-        if not final.flags.c_contiguous:
-            np.copyto(final, result, casting="same_kind")
-            return final
-    return result if result.dtype == like.dtype else result.astype(like.dtype)
+    if like.flags.c_contiguous or _stride_order(result) == _stride_order(like):
+        return result if result.dtype == like.dtype else result.astype(like.dtype)
+    final = np.empty_like(like, order="K", subok=False)
+    if final.flags.c_contiguous and result.flags.c_contiguous and result.dtype == like.dtype:
+        return result
+    np.copyto(final, result, casting="same_kind")
+    return final
+
+
+def _per_plane(a, N: int, C: int, fill: float) -> np.ndarray:
+    """A (C,), (N, C) or (N*C,) parameter (or None -> fill) expanded to float64 (N*C,)."""
+    planes = np.empty((N, C))
+    planes[...] = fill if a is None else np.asarray(a, dtype=np.float64).reshape(-1, C)
+    return planes.reshape(-1)
 
 
 def _empty_like_input(x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
@@ -80,11 +127,15 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
         for a in (mean, var, rstd):
             a.fill(np.nan)
         return _empty_like_input(x, out), mean, var, rstd
-    cdt = V.compute_dtype(x.dtype)
-    x2 = _planes(x, cdt)
-    y = _target(x, x2, out)
-    _cpu.forward_train(x2, y.reshape(P, -1), _flat64(weight), _flat64(bias), eps, mean, var,
-                       rstd, n_threads)
+    lay = _Layout(x)
+    xk = lay.kernel_view(x, V.compute_dtype(x.dtype))
+    y, yk = lay.target(x, xk, out)
+    if lay.cl:
+        _cpu.forward_channels_last(xk, yk, _flat64(weight), _flat64(bias), eps, mean, var, rstd,
+                                   True, n_threads)
+    else:
+        _cpu.forward_train(xk, yk, _flat64(weight), _flat64(bias), eps, mean, var, rstd,
+                           n_threads)
     return _finish(y, x, out), mean, var, rstd
 
 
@@ -98,10 +149,16 @@ def _apply(x, mean, scale, weight, bias, n_threads: int, out=None):
     if x.size == 0:
         return _empty_like_input(x, out)
     N, C = x.shape[:2]
-    x2 = _planes(x, V.compute_dtype(x.dtype))
-    y = _target(x, x2, out)
-    _cpu.normalize(x2, y.reshape(N * C, -1), _flat64(mean), _flat64(scale), _flat64(weight),
-                   _flat64(bias), n_threads)
+    lay = _Layout(x)
+    xk = lay.kernel_view(x, V.compute_dtype(x.dtype))
+    y, yk = lay.target(x, xk, out)
+    if lay.cl:
+        mean_p, scale_p = _per_plane(mean, N, C, 0.0), _per_plane(scale, N, C, 1.0)
+        _cpu.forward_channels_last(xk, yk, _flat64(weight), _flat64(bias), 0.0, mean_p,
+                                   np.empty(N * C), scale_p, False, n_threads)
+    else:
+        _cpu.normalize(xk, yk, _flat64(mean), _flat64(scale), _flat64(weight), _flat64(bias),
+                       n_threads)
     return _finish(y, x, out)
 
 
@@ -124,13 +181,15 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     P = N * C
     if x.size == 0:
         return _empty_like_input(x, out), np.zeros(P), np.zeros(P)
+    lay = _Layout(x)
     cdt = V.compute_dtype(x.dtype)
-    x2 = _planes(x, cdt)
-    dy2 = _planes(dy, cdt)
-    dx = _target(dy, dy2, out, x2)
+    xk = lay.kernel_view(x, cdt)
+    dyk = lay.kernel_view(dy, cdt)
+    dx, dxk = lay.target(dy, dyk, out, xk)
     sum_dy, sum_dy_xhat = np.empty((2, P))
-    _cpu.backward(dy2, x2, _flat64(mean_p), _flat64(rstd_p), _flat64(weight),
-                  dx.reshape(P, -1), sum_dy, sum_dy_xhat, use_input_stats, n_threads)
+    kernel = _cpu.backward_channels_last if lay.cl else _cpu.backward
+    kernel(dyk, xk, _flat64(mean_p), _flat64(rstd_p), _flat64(weight), dxk, sum_dy, sum_dy_xhat,
+           use_input_stats, n_threads)
     return _finish(dx, x, out), sum_dy, sum_dy_xhat
 
 

@@ -208,6 +208,99 @@ static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, 
     for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j];
 }
 
+/* ---- channels-last: rows of C channels ((N, *spatial, C) memory), vectorised over c ------ */
+
+/* Per-channel statistics of `rows` rows of C contiguous channels: mean[c] and m2[c].
+ * Blocks of CIN_CL_BLOCK rows are summed in CIN_T around a per-channel shift k[c] (the first
+ * block's mean, then the running mean) and merged across blocks in double (Chan).
+ * s1, s2, k: scratch of C elements each. */
+static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, ptrdiff_t C,
+                                 CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
+                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2)
+{
+    ptrdiff_t first = rows < CIN_CL_BLOCK ? rows : CIN_CL_BLOCK;
+    for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
+    for (ptrdiff_t r = 0; r < first; r++) {
+        const CIN_T *row = x + r * C;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < C; c++) s1[c] += row[c];
+    }
+    for (ptrdiff_t c = 0; c < C; c++) k[c] = (CIN_T)((double)s1[c] / (double)first);
+    double cnt = 0.0;
+    for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
+        ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
+        for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }
+        for (ptrdiff_t r = b; r < b + nb; r++) {
+            const CIN_T *row = x + r * C;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < C; c++) {
+                CIN_T d = row[c] - k[c];
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+        }
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double dm = (double)s1[c] / (double)nb;
+            double bm2 = (double)s2[c] - (double)s1[c] * dm;
+            double n_c = cnt, mu = mean[c], acc = m2[c];
+            cin_chan_merge(&n_c, &mu, &acc, (double)nb, (double)k[c] + dm, bm2 < 0.0 ? 0.0 : bm2);
+            mean[c] = mu;
+            m2[c] = acc;
+            k[c] = (CIN_T)mu;
+        }
+        cnt += (double)nb;
+    }
+}
+
+/* y[r, c] = (x[r, c] - k[c]) * a[c] + b[c]; x and y may be the same array. */
+static void CIN_FN(cin_cl_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t rows, ptrdiff_t C,
+                                     const CIN_T *k, const CIN_T *a, const CIN_T *b)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const CIN_T *xr = x + r * C;
+        CIN_T *yr = y + r * C;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < C; c++) yr[c] = (xr[c] - k[c]) * a[c] + b[c];
+    }
+}
+
+/* Per-channel backward sums over `rows` rows: sdy[c] = sum(dy), sdyx[c] = sum(dy * (x - k[c])),
+ * in CIN_T within blocks of rows and in double across blocks.  s1, s2: scratch of C. */
+static void CIN_FN(cin_cl_backward_sums)(const CIN_T *CIN_RESTRICT dy,
+                                         const CIN_T *CIN_RESTRICT x, ptrdiff_t rows,
+                                         ptrdiff_t C, const CIN_T *CIN_RESTRICT k,
+                                         CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
+                                         double *sdy, double *sdyx)
+{
+    for (ptrdiff_t c = 0; c < C; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
+    for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
+        ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
+        for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }
+        for (ptrdiff_t r = b; r < b + nb; r++) {
+            const CIN_T *g = dy + r * C, *v = x + r * C;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < C; c++) {
+                s1[c] += g[c];
+                s2[c] += g[c] * (v[c] - k[c]);
+            }
+        }
+        for (ptrdiff_t c = 0; c < C; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
+    }
+}
+
+/* dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - k[c]) + cc[c]. */
+static void CIN_FN(cin_cl_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx,
+                                       ptrdiff_t rows, ptrdiff_t C, const CIN_T *k,
+                                       const CIN_T *a, const CIN_T *b, const CIN_T *cc)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const CIN_T *g = dy + r * C, *v = x + r * C;
+        CIN_T *o = dx + r * C;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < C; c++) o[c] = a[c] * g[c] + b[c] * (v[c] - k[c]) + cc[c];
+    }
+}
+
 #undef CIN_STREAM
 #undef CIN_VLEN
 #undef CIN_FN

@@ -96,3 +96,35 @@ def test_simd_env_forces_baseline():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("baseline")
+
+
+CL_SHAPES = [(3, 5, 7, 9), (2, 16, 40, 33), (1, 3, 300, 301), (4, 64, 9, 9)]
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_every_path(rng, simd, shape, dtype):
+    perm = (0, 2, 3, 1)
+    x = make_x(rng, shape, dtype).transpose(perm).copy().transpose(np.argsort(perm))
+    dy = make_x(rng, shape, dtype).transpose(perm).copy().transpose(np.argsort(perm))
+    assert np.moveaxis(x, 1, -1).flags.c_contiguous and not x.flags.c_contiguous
+    w, b = make_affine(rng, shape[1], dtype)
+    y_ref, _, _ = ref.forward(x, w, b)
+    y, mean, rstd = cin.instance_norm_forward(x, w, b, n_threads=2)
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous
+    assert_close(y, y_ref)
+    dx, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, w, n_threads=2)
+    assert np.moveaxis(dx, 1, -1).flags.c_contiguous
+    for got, want in zip((dx, dw, db), ref.backward(dy, x, mean, rstd, w)):
+        assert_close(got, want, grad=True)
+    rm = rng.normal(size=shape[1])
+    rv = rng.uniform(0.5, 2.0, shape[1])
+    y = cin.instance_norm(x, rm.astype(dtype), rv.astype(dtype), w, b, use_input_stats=False)
+    assert_close(y, ref.forward(x, w, b, running_mean=rm, running_var=rv,
+                                use_input_stats=False)[0])
+    rstd_fixed = 1.0 / np.sqrt(rv + 1e-5)
+    got = cin.instance_norm_backward(dy, x, rm, rstd_fixed, w, use_input_stats=False)
+    for g, want in zip(got, ref.backward(dy, x, np.broadcast_to(rm, shape[:2]),
+                                         np.broadcast_to(rstd_fixed, shape[:2]), w,
+                                         use_input_stats=False)):
+        assert_close(g, want, grad=True)

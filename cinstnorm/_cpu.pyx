@@ -439,6 +439,27 @@ cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx,
         cin_cl_backward_dx_d(dy, x, dx, rows, C, k, a, b, cc)
 
 
+cdef Py_ssize_t _cl_replicas(Py_ssize_t C) noexcept nogil:
+    """Rows handled as one "super-row" of R*C virtual channels, so that the loops over channels
+    run over a whole number of 16-element vectors even when C is small (C = 3: 16 rows, 48
+    lanes).  Each virtual channel keeps its own partial results; they are folded per channel."""
+    cdef Py_ssize_t g = 16, a = C
+    if C >= 16:
+        return 1
+    while a:  # gcd(C, 16)
+        g, a = a, g % a
+    return 16 // g
+
+
+cdef inline void _cl_item(Py_ssize_t L, Py_ssize_t k, Py_ssize_t R, Py_ssize_t i,
+                          Py_ssize_t *lo, Py_ssize_t *full, Py_ssize_t *rem) noexcept nogil:
+    """Item i of (sample, row block): first row, whole super-rows, leftover rows."""
+    cdef Py_ssize_t start = _row_start(L, k, i % k), rows = _row_start(L, k, i % k + 1) - start
+    lo[0] = start
+    full[0] = rows // R
+    rem[0] = rows % R
+
+
 cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                           floating[:, :, ::1] y,        # OUT (N, L, C), may be x itself
                           const double[::1] weight,     # IN  (P,), (C,) or empty
@@ -453,22 +474,28 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
     n_threads = _team_size(N * L * C, n_threads)
     cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
-    cdef Py_ssize_t i, j, n, c, p, lo, hi
-    cdef double cnt, m, m2, a
+    cdef Py_ssize_t R = _cl_replicas(C), RC = R * C
+    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
+    cdef double cnt, m, m2, a, bb
+    cdef floating kk
     dt = np.float32 if floating is float else np.float64
-    cdef floating[:, :, ::1] scratch = np.empty((N * k, 3, C), dtype=dt)
-    cdef floating[:, :, ::1] coef = np.empty((3, N, C), dtype=dt)
-    cdef double[:, ::1] pmean = np.empty((N * k, C), dtype=np.float64)
-    cdef double[:, ::1] pm2 = np.empty((N * k, C), dtype=np.float64)
+    cdef floating[:, :, ::1] scratch = np.empty((N * k, 3, RC), dtype=dt)
+    cdef floating[:, :, ::1] coef = np.empty((3, N, RC), dtype=dt)
+    # partial statistics per item: RC virtual channels, then C for the leftover rows
+    cdef double[:, ::1] pmean = np.empty((N * k, RC + C), dtype=np.float64)
+    cdef double[:, ::1] pm2 = np.empty((N * k, RC + C), dtype=np.float64)
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
         if use_input_stats:
             for i in prange(N * k, schedule='static'):
                 n = i // k
-                lo = _row_start(L, k, i % k)
-                hi = _row_start(L, k, i % k + 1)
-                _cl_stats(&x[n, lo, 0], hi - lo, C, &scratch[i, 0, 0], &scratch[i, 1, 0],
-                          &scratch[i, 2, 0], &pmean[i, 0], &pm2[i, 0])
+                _cl_item(L, k, R, i, &lo, &full, &rem)
+                if full > 0:
+                    _cl_stats(&x[n, lo, 0], full, RC, &scratch[i, 0, 0], &scratch[i, 1, 0],
+                              &scratch[i, 2, 0], &pmean[i, 0], &pm2[i, 0])
+                if rem > 0:
+                    _cl_stats(&x[n, lo + full * R, 0], rem, C, &scratch[i, 0, 0],
+                              &scratch[i, 1, 0], &scratch[i, 2, 0], &pmean[i, RC], &pm2[i, RC])
         for p in prange(N * C, schedule='static'):
             n = p // C
             c = p % C
@@ -476,23 +503,31 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                 cnt = 0.0
                 m = 0.0
                 m2 = 0.0
-                for j in range(k):
-                    cin_chan_merge(&cnt, &m, &m2,
-                                   <double>(_row_start(L, k, j + 1) - _row_start(L, k, j)),
-                                   pmean[n * k + j, c], pm2[n * k + j, c])
+                for j in range(n * k, n * k + k):
+                    _cl_item(L, k, R, j, &lo, &full, &rem)
+                    for r in range(R):
+                        cin_chan_merge(&cnt, &m, &m2, <double>full, pmean[j, r * C + c],
+                                       pm2[j, r * C + c])
+                    cin_chan_merge(&cnt, &m, &m2, <double>rem, pmean[j, RC + c], pm2[j, RC + c])
                 mean[p] = m
                 var[p] = m2 / <double>L
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
-            coef[0, n, c] = <floating>mean[p]
+            kk = <floating>mean[p]
             a = rstd[p] * _param(weight, p, 1.0)
-            coef[1, n, c] = <floating>a
-            coef[2, n, c] = <floating>(_param(bias, p, 0.0) - (mean[p] - <double>coef[0, n, c]) * a)
+            bb = _param(bias, p, 0.0) - (mean[p] - <double>kk) * a
+            for r in range(R):
+                coef[0, n, r * C + c] = kk
+                coef[1, n, r * C + c] = <floating>a
+                coef[2, n, r * C + c] = <floating>bb
         for i in prange(N * k, schedule='static'):
             n = i // k
-            lo = _row_start(L, k, i % k)
-            hi = _row_start(L, k, i % k + 1)
-            _cl_normalize(&x[n, lo, 0], &y[n, lo, 0], hi - lo, C, &coef[0, n, 0], &coef[1, n, 0],
-                          &coef[2, n, 0])
+            _cl_item(L, k, R, i, &lo, &full, &rem)
+            if full > 0:
+                _cl_normalize(&x[n, lo, 0], &y[n, lo, 0], full, RC, &coef[0, n, 0],
+                              &coef[1, n, 0], &coef[2, n, 0])
+            if rem > 0:
+                _cl_normalize(&x[n, lo + full * R, 0], &y[n, lo + full * R, 0], rem, C,
+                              &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0])
     return 0
 
 
@@ -510,51 +545,67 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
     n_threads = _team_size(N * L * C, n_threads)
     cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
-    cdef Py_ssize_t i, j, n, c, p, lo, hi
-    cdef double sg, sx, mu, r, a, b, kd
+    cdef Py_ssize_t R = _cl_replicas(C), RC = R * C
+    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
+    cdef double sg, sx, mu, rs, a, b, cc, kd
     dt = np.float32 if floating is float else np.float64
-    cdef floating[:, :, ::1] scratch = np.empty((N * k, 2, C), dtype=dt)
-    cdef floating[:, :, ::1] coef = np.empty((4, N, C), dtype=dt)
-    cdef double[:, ::1] pg = np.empty((N * k, C), dtype=np.float64)
-    cdef double[:, ::1] px = np.empty((N * k, C), dtype=np.float64)
+    cdef floating[:, :, ::1] scratch = np.empty((N * k, 2, RC), dtype=dt)
+    cdef floating[:, :, ::1] coef = np.empty((4, N, RC), dtype=dt)
+    cdef double[:, ::1] pg = np.empty((N * k, RC + C), dtype=np.float64)
+    cdef double[:, ::1] px = np.empty((N * k, RC + C), dtype=np.float64)
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
         for p in prange(N * C, schedule='static'):
-            coef[0, p // C, p % C] = <floating>_param(mean, p, 0.0)
+            for r in range(R):
+                coef[0, p // C, r * C + p % C] = <floating>_param(mean, p, 0.0)
         for i in prange(N * k, schedule='static'):
             n = i // k
-            lo = _row_start(L, k, i % k)
-            hi = _row_start(L, k, i % k + 1)
-            _cl_bwd_sums(&dy[n, lo, 0], &x[n, lo, 0], hi - lo, C, &coef[0, n, 0],
-                         &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, 0], &px[i, 0])
+            _cl_item(L, k, R, i, &lo, &full, &rem)
+            for j in range(RC + C):
+                pg[i, j] = 0.0
+                px[i, j] = 0.0
+            if full > 0:
+                _cl_bwd_sums(&dy[n, lo, 0], &x[n, lo, 0], full, RC, &coef[0, n, 0],
+                             &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, 0], &px[i, 0])
+            if rem > 0:
+                _cl_bwd_sums(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0], rem, C,
+                             &coef[0, n, 0], &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, RC],
+                             &px[i, RC])
         for p in prange(N * C, schedule='static'):
             n = p // C
             c = p % C
             sg = 0.0
             sx = 0.0
-            for j in range(k):
-                sg = sg + pg[n * k + j, c]
-                sx = sx + px[n * k + j, c]
+            for j in range(n * k, n * k + k):
+                for r in range(R + 1):
+                    sg = sg + pg[j, r * C + c]
+                    sx = sx + px[j, r * C + c]
             mu = _param(mean, p, 0.0)
-            r = _param(rstd, p, 1.0)
+            rs = _param(rstd, p, 1.0)
             kd = <double>coef[0, n, c]
             sx = sx + (kd - mu) * sg       # centred: sum(dy * (x - mean))
             sum_dy[p] = sg
-            sum_dy_xhat[p] = sx * r
-            a = _param(weight, p, 1.0) * r
+            sum_dy_xhat[p] = sx * rs
+            a = _param(weight, p, 1.0) * rs
             b = 0.0
-            coef[3, n, c] = 0
+            cc = 0.0
             if use_input_stats:
-                b = -a * r * r * sx / <double>L
-                coef[3, n, c] = <floating>(-a * sg / <double>L + b * (kd - mu))
-            coef[1, n, c] = <floating>a
-            coef[2, n, c] = <floating>b
+                b = -a * rs * rs * sx / <double>L
+                cc = -a * sg / <double>L + b * (kd - mu)
+            for r in range(R):
+                coef[1, n, r * C + c] = <floating>a
+                coef[2, n, r * C + c] = <floating>b
+                coef[3, n, r * C + c] = <floating>cc
         for i in prange(N * k, schedule='static'):
             n = i // k
-            lo = _row_start(L, k, i % k)
-            hi = _row_start(L, k, i % k + 1)
-            _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], hi - lo, C, &coef[0, n, 0],
-                       &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
+            _cl_item(L, k, R, i, &lo, &full, &rem)
+            if full > 0:
+                _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], full, RC,
+                           &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
+            if rem > 0:
+                _cl_bwd_dx(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0],
+                           &dx[n, lo + full * R, 0], rem, C, &coef[0, n, 0], &coef[1, n, 0],
+                           &coef[2, n, 0], &coef[3, n, 0])
     return 0
 
 

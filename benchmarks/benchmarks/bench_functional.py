@@ -63,3 +63,43 @@ class CopyFloor(ShapeDtype):
 
     def time_copyto(self, shape, dtype):
         np.copyto(self.out, self.x)
+
+
+class BackwardOut(ShapeDtypeThreads):
+    """``instance_norm_backward`` into a mapped ``out``: the like-for-like comparison with
+    CopyFloor (no page faults for dx)."""
+
+    def setup(self, shape, dtype, n_threads):
+        self.x, self.dy, self.mean, self.rstd = backward_inputs(shape, dtype)
+        self.weight, _ = affine_parameters(shape, dtype)
+        self.out = touched_empty_like(self.x)
+
+    def time_backward_out(self, shape, dtype, n_threads):
+        cin.instance_norm_backward(self.dy, self.x, self.mean, self.rstd, self.weight,
+                                   n_threads=n_threads, out=self.out)
+
+
+def _channels_last(a):
+    """The same values with channels-last memory ((N, *spatial, C)), as an (N, C, ...) view."""
+    perm = (0,) + tuple(range(2, a.ndim)) + (1,)
+    return np.ascontiguousarray(a.transpose(perm)).transpose(np.argsort(perm))
+
+
+class ChannelsLast(ShapeDtype):
+    """Forward and backward on channels-last memory (read in place), 2 threads at most;
+    compare with Forward.time_forward_out / BackwardOut for the NCHW path."""
+
+    def setup(self, shape, dtype):
+        x, dy, self.mean, self.rstd = backward_inputs(shape, dtype)
+        self.x, self.dy = _channels_last(x), _channels_last(dy)
+        self.weight, self.bias = affine_parameters(shape, dtype)
+        self.out = touched_empty_like(self.x)
+        self.n_threads = min(2, cin.get_num_threads())
+
+    def time_forward_channels_last(self, shape, dtype):
+        cin.instance_norm_forward(self.x, self.weight, self.bias, EPS, n_threads=self.n_threads,
+                                  out=self.out)
+
+    def time_backward_channels_last(self, shape, dtype):
+        cin.instance_norm_backward(self.dy, self.x, self.mean, self.rstd, self.weight,
+                                   n_threads=self.n_threads, out=self.out)

@@ -439,6 +439,13 @@ cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx,
         cin_cl_backward_dx_d(dy, x, dx, rows, C, k, a, b, cc)
 
 
+cdef Py_ssize_t _samples_per_group(Py_ssize_t sample_bytes, Py_ssize_t N) noexcept nogil:
+    """Samples processed together (statistics, merge, normalize) so that what the first loop
+    reads is still in the last-level cache when the third loop reads it again: half the LLC."""
+    cdef Py_ssize_t g = (_stream_min_bytes // 2) // (sample_bytes if sample_bytes > 0 else 1)
+    return 1 if g < 1 else (N if g > N else g)
+
+
 cdef Py_ssize_t _cl_replicas(Py_ssize_t C) noexcept nogil:
     """Rows handled as one "super-row" of R*C virtual channels, so that the loops over channels
     run over a whole number of 16-element vectors even when C is small (C = 3: 16 rows, 48
@@ -451,13 +458,9 @@ cdef Py_ssize_t _cl_replicas(Py_ssize_t C) noexcept nogil:
     return 16 // g
 
 
-cdef inline void _cl_item(Py_ssize_t L, Py_ssize_t k, Py_ssize_t R, Py_ssize_t i,
-                          Py_ssize_t *lo, Py_ssize_t *full, Py_ssize_t *rem) noexcept nogil:
-    """Item i of (sample, row block): first row, whole super-rows, leftover rows."""
-    cdef Py_ssize_t start = _row_start(L, k, i % k), rows = _row_start(L, k, i % k + 1) - start
-    lo[0] = start
-    full[0] = rows // R
-    rem[0] = rows % R
+cdef inline Py_ssize_t _item_rows(Py_ssize_t L, Py_ssize_t k, Py_ssize_t i) noexcept nogil:
+    """Rows of item i (sample i // k, row block i % k)."""
+    return _row_start(L, k, i % k + 1) - _row_start(L, k, i % k)
 
 
 cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
@@ -475,28 +478,48 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
     n_threads = _team_size(N * L * C, n_threads)
     cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
     cdef Py_ssize_t R = _cl_replicas(C), RC = R * C
-    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
-    cdef double cnt, m, m2, a, bb
-    cdef floating kk
     dt = np.float32 if floating is float else np.float64
     cdef floating[:, :, ::1] scratch = np.empty((N * k, 3, RC), dtype=dt)
     cdef floating[:, :, ::1] coef = np.empty((3, N, RC), dtype=dt)
     # partial statistics per item: RC virtual channels, then C for the leftover rows
     cdef double[:, ::1] pmean = np.empty((N * k, RC + C), dtype=np.float64)
     cdef double[:, ::1] pm2 = np.empty((N * k, RC + C), dtype=np.float64)
+    cdef Py_ssize_t G = _samples_per_group(L * C * sizeof(floating), N), g0, g1
+    for g0 in range(0, N, G):
+        g1 = min(N, g0 + G)
+        _forward_cl_group(x, y, weight, bias, eps, mean, var, rstd, use_input_stats, n_threads,
+                          g0, g1, k, R, scratch, coef, pmean, pm2)
+    return 0
+
+
+cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
+                           const double[::1] weight, const double[::1] bias, double eps,
+                           double[::1] mean, double[::1] var, double[::1] rstd,
+                           bint use_input_stats, int n_threads, Py_ssize_t g0, Py_ssize_t g1,
+                           Py_ssize_t k, Py_ssize_t R, floating[:, :, ::1] scratch,
+                           floating[:, :, ::1] coef, double[:, ::1] pmean,
+                           double[:, ::1] pm2) except -1:
+    """Samples g0..g1-1 of the channels-last forward: their statistics, merge, normalize."""
+    cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
+    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
+    cdef double cnt, m, m2, a, bb
+    cdef floating kk
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
         if use_input_stats:
-            for i in prange(N * k, schedule='static'):
+            for i in prange(g0 * k, g1 * k, schedule='static'):
                 n = i // k
-                _cl_item(L, k, R, i, &lo, &full, &rem)
+                # assigned here (not through pointers) so prange keeps them thread-private
+                lo = _row_start(L, k, i % k)
+                full = _item_rows(L, k, i) // R
+                rem = _item_rows(L, k, i) % R
                 if full > 0:
                     _cl_stats(&x[n, lo, 0], full, RC, &scratch[i, 0, 0], &scratch[i, 1, 0],
                               &scratch[i, 2, 0], &pmean[i, 0], &pm2[i, 0])
                 if rem > 0:
                     _cl_stats(&x[n, lo + full * R, 0], rem, C, &scratch[i, 0, 0],
                               &scratch[i, 1, 0], &scratch[i, 2, 0], &pmean[i, RC], &pm2[i, RC])
-        for p in prange(N * C, schedule='static'):
+        for p in prange(g0 * C, g1 * C, schedule='static'):
             n = p // C
             c = p % C
             if use_input_stats:
@@ -504,7 +527,10 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                 m = 0.0
                 m2 = 0.0
                 for j in range(n * k, n * k + k):
-                    _cl_item(L, k, R, j, &lo, &full, &rem)
+                    # assigned here (not through pointers) so prange keeps them thread-private
+                    lo = _row_start(L, k, j % k)
+                    full = _item_rows(L, k, j) // R
+                    rem = _item_rows(L, k, j) % R
                     for r in range(R):
                         cin_chan_merge(&cnt, &m, &m2, <double>full, pmean[j, r * C + c],
                                        pm2[j, r * C + c])
@@ -519,9 +545,12 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                 coef[0, n, r * C + c] = kk
                 coef[1, n, r * C + c] = <floating>a
                 coef[2, n, r * C + c] = <floating>bb
-        for i in prange(N * k, schedule='static'):
+        for i in prange(g0 * k, g1 * k, schedule='static'):
             n = i // k
-            _cl_item(L, k, R, i, &lo, &full, &rem)
+            # assigned here (not through pointers) so prange keeps them thread-private
+            lo = _row_start(L, k, i % k)
+            full = _item_rows(L, k, i) // R
+            rem = _item_rows(L, k, i) % R
             if full > 0:
                 _cl_normalize(&x[n, lo, 0], &y[n, lo, 0], full, RC, &coef[0, n, 0],
                               &coef[1, n, 0], &coef[2, n, 0])
@@ -546,21 +575,41 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
     n_threads = _team_size(N * L * C, n_threads)
     cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
     cdef Py_ssize_t R = _cl_replicas(C), RC = R * C
-    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
-    cdef double sg, sx, mu, rs, a, b, cc, kd
     dt = np.float32 if floating is float else np.float64
     cdef floating[:, :, ::1] scratch = np.empty((N * k, 2, RC), dtype=dt)
     cdef floating[:, :, ::1] coef = np.empty((4, N, RC), dtype=dt)
     cdef double[:, ::1] pg = np.empty((N * k, RC + C), dtype=np.float64)
     cdef double[:, ::1] px = np.empty((N * k, RC + C), dtype=np.float64)
+    cdef Py_ssize_t G = _samples_per_group(2 * L * C * sizeof(floating), N), g0, g1
+    for g0 in range(0, N, G):
+        g1 = min(N, g0 + G)
+        _backward_cl_group(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, use_input_stats,
+                           n_threads, g0, g1, k, R, scratch, coef, pg, px)
+    return 0
+
+
+cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                            const double[::1] mean, const double[::1] rstd,
+                            const double[::1] weight, floating[:, :, ::1] dx,
+                            double[::1] sum_dy, double[::1] sum_dy_xhat, bint use_input_stats,
+                            int n_threads, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t k,
+                            Py_ssize_t R, floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
+                            double[:, ::1] pg, double[:, ::1] px) except -1:
+    """Samples g0..g1-1 of the channels-last backward: sums, merge, dx."""
+    cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
+    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
+    cdef double sg, sx, mu, rs, a, b, cc, kd
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
-        for p in prange(N * C, schedule='static'):
+        for p in prange(g0 * C, g1 * C, schedule='static'):
             for r in range(R):
                 coef[0, p // C, r * C + p % C] = <floating>_param(mean, p, 0.0)
-        for i in prange(N * k, schedule='static'):
+        for i in prange(g0 * k, g1 * k, schedule='static'):
             n = i // k
-            _cl_item(L, k, R, i, &lo, &full, &rem)
+            # assigned here (not through pointers) so prange keeps them thread-private
+            lo = _row_start(L, k, i % k)
+            full = _item_rows(L, k, i) // R
+            rem = _item_rows(L, k, i) % R
             for j in range(RC + C):
                 pg[i, j] = 0.0
                 px[i, j] = 0.0
@@ -571,7 +620,7 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
                 _cl_bwd_sums(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0], rem, C,
                              &coef[0, n, 0], &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, RC],
                              &px[i, RC])
-        for p in prange(N * C, schedule='static'):
+        for p in prange(g0 * C, g1 * C, schedule='static'):
             n = p // C
             c = p % C
             sg = 0.0
@@ -596,9 +645,12 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
                 coef[1, n, r * C + c] = <floating>a
                 coef[2, n, r * C + c] = <floating>b
                 coef[3, n, r * C + c] = <floating>cc
-        for i in prange(N * k, schedule='static'):
+        for i in prange(g0 * k, g1 * k, schedule='static'):
             n = i // k
-            _cl_item(L, k, R, i, &lo, &full, &rem)
+            # assigned here (not through pointers) so prange keeps them thread-private
+            lo = _row_start(L, k, i % k)
+            full = _item_rows(L, k, i) // R
+            rem = _item_rows(L, k, i) % R
             if full > 0:
                 _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], full, RC,
                            &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])

@@ -651,13 +651,23 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
             lo = _row_start(L, k, i % k)
             full = _item_rows(L, k, i) // R
             rem = _item_rows(L, k, i) % R
-            if full > 0:
-                _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], full, RC,
-                           &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
-            if rem > 0:
-                _cl_bwd_dx(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0],
-                           &dx[n, lo + full * R, 0], rem, C, &coef[0, n, 0], &coef[1, n, 0],
-                           &coef[2, n, 0], &coef[3, n, 0])
+            if not use_input_stats:
+                # dx = a * dy, written so that x and the mean (an Inf, a NaN) cannot leak in;
+                # coef[2] and coef[3] are 0 here and serve as shift and offset
+                if full > 0:
+                    _cl_normalize(&dy[n, lo, 0], &dx[n, lo, 0], full, RC, &coef[3, n, 0],
+                                  &coef[1, n, 0], &coef[2, n, 0])
+                if rem > 0:
+                    _cl_normalize(&dy[n, lo + full * R, 0], &dx[n, lo + full * R, 0], rem, C,
+                                  &coef[3, n, 0], &coef[1, n, 0], &coef[2, n, 0])
+            else:
+                if full > 0:
+                    _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], full, RC,
+                               &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
+                if rem > 0:
+                    _cl_bwd_dx(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0],
+                               &dx[n, lo + full * R, 0], rem, C, &coef[0, n, 0],
+                               &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
     return 0
 
 

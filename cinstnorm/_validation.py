@@ -142,7 +142,8 @@ def check_out(out, x: np.ndarray) -> None:
         return
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype:
+    # byte order aside: a byte-swapped x was converted to native order, out stays as given
+    if out.shape != x.shape or out.dtype.newbyteorder("=") != x.dtype.newbyteorder("="):
         raise ValueError(
             f"out must have the input's shape {x.shape} and dtype {x.dtype}, "
             f"got shape {out.shape} and dtype {out.dtype}"

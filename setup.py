@@ -5,6 +5,9 @@ Environment variables:
                               (by default the build warns loudly and compiles serial kernels)
   CINSTNORM_DEBUG=1           Cython bounds checking, wraparound checks and -O1 -g
   CINSTNORM_MARCH=<arch>      opt-in -march=<arch> (e.g. native); the default build is portable
+  CINSTNORM_SANITIZE=<list>   build with -fsanitize=<list> (e.g. address,undefined) and
+                              -fno-omit-frame-pointer -g; run with the sanitizer runtime
+                              preloaded: LD_PRELOAD=$(gcc -print-file-name=libasan.so)
 """
 import os
 import shutil
@@ -27,6 +30,7 @@ def _flag(name):
 
 DEBUG = _flag("CINSTNORM_DEBUG")
 MARCH = os.environ.get("CINSTNORM_MARCH", "").strip()
+SANITIZE = os.environ.get("CINSTNORM_SANITIZE", "").strip().replace(" ", "")
 
 # Cython directives, set for the whole project in this one place.
 CYTHON_DIRECTIVES = {
@@ -109,6 +113,9 @@ class BuildExt(build_ext):
             opt += ["-fno-strict-aliasing", "-Wno-unused-function"]
             if MARCH:
                 opt.append(f"-march={MARCH}")
+            if SANITIZE:
+                opt += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"]
+                ldflags = ldflags + [f"-fsanitize={SANITIZE}"]
         all_flags = opt + cflags
         for ext in self.extensions:
             ext.extra_compile_args = all_flags + list(ext.extra_compile_args)

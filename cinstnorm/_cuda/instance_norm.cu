@@ -8,8 +8,9 @@
  * Data: x, y, dy, dx are C-contiguous (P, L) arrays of T.  Per-plane parameters (weight, bias,
  * given mean/var/rstd) are float64 arrays read as a[(p / C) * ns + p % C]: ns = 0 for a
  * per-channel (C,) array, ns = C for a per-plane (N, C) one; a null pointer means the default
- * (weight 1, bias 0).  Statistics are written as float64 per plane.  Every element offset is
- * 64-bit.
+ * (weight 1, bias 0).  Statistics are written as float64 per plane.  Plane starts and all
+ * offsets of the chunk kernels are 64-bit; offsets inside a plane that the group and block
+ * kernels hold in registers are int (such a plane has at most a few ten thousand elements).
  *
  * Slots: a plane is read in slots of 16 bytes (4 floats or 2 doubles).  With `vec` set, slot 0
  * starts at the 16-byte boundary at or before the plane's first element, so every slot that
@@ -30,7 +31,9 @@
  * Numerics: statistics from registers are exact two-pass: a mean estimate m1 from sums around
  * the plane's first element, then sum(x - k) and sum((x - k)^2) around k = m1 rounded to T, so
  * x - k is exact near the mean; each thread accumulates its few dozen elements in T and the
- * reductions across threads are in double.  Chunk partials are (count, mean, M2) from sums in
+ * reductions across threads are in double.  Elements a thread holds past the plane's end are
+ * loaded as a value that adds nothing to the sums (no per-element masks: they would cost a
+ * register each, as predicates kept across the passes).  Chunk partials are (count, mean, M2) from sums in
  * T around the chunk's first element, merged in double (sum of counts and count-weighted
  * means, then M2 = sum(M2_j + n_j (mean_j - mean)^2), which has no cancellation).
  * Normalization is y = (x - k) * alpha + beta with k = mean rounded to T, alpha = rstd * w and
@@ -44,6 +47,9 @@
 #define CIN_GROUP_THREADS 256
 #define CIN_CHUNK_THREADS 256
 #define CIN_BLOCK_MAX_THREADS 512
+/* Two resident blocks of the largest size per SM, so that one loads while the other reduces,
+ * for the forward block kernel with up to 8 slots (32 registers of data) per thread. */
+#define CIN_BLOCK_MIN_BLOCKS(S) ((S) <= 8 ? 2 : 1)
 /* Slots per thread per loop iteration of the chunk kernels (independent loads in flight). */
 #define CIN_CHUNK_UNROLL 4
 
@@ -81,16 +87,16 @@ CIN_DEV void vstore(double* __restrict__ p, const double (&v)[2])
 
 /* The elements [lo, hi) of one plane that a group, block or chunk reads and writes, seen as
  * 16-byte slots: slot s holds elements s*n - head ... s*n - head + n - 1. */
-template <typename T>
+template <typename T, typename I>
 struct Window {
     static constexpr int n = Vec<T>::n;
-    long long lo, hi;
+    I lo, hi;
     int head;   // elements of the plane before its first 16-byte boundary (0 without vec)
     bool vec;   // whole slots are 16-byte aligned in every array of the call
 
-    CIN_DEV long long first(long long s) const { return s * n - head; }
-    CIN_DEV bool valid(long long e) const { return e >= lo && e < hi; }
-    CIN_DEV bool full(long long e0) const { return vec && e0 >= lo && e0 + n <= hi; }
+    CIN_DEV I first(I s) const { return s * n - head; }
+    CIN_DEV bool valid(I e) const { return e >= lo && e < hi; }
+    CIN_DEV bool full(I e0) const { return vec && e0 >= lo && e0 + n <= hi; }
 };
 
 template <typename T>
@@ -105,10 +111,10 @@ CIN_DEV long long plane_slots(long long L, int head)
     return (L + head + Vec<T>::n - 1) / Vec<T>::n;
 }
 
-template <typename T>
-CIN_DEV Window<T> plane_window(const T* p, long long L, long long vec)
+template <typename T, typename I>
+CIN_DEV Window<T, I> plane_window(const T* p, I L, long long vec)
 {
-    Window<T> w;
+    Window<T, I> w;
     w.head = plane_head(p, vec);
     w.vec = vec != 0;
     w.lo = 0;
@@ -118,10 +124,10 @@ CIN_DEV Window<T> plane_window(const T* p, long long L, long long vec)
 
 /* Chunk j of a plane: slots [s0, s1) of chunk_slots each (the last ones may be short or empty). */
 template <typename T>
-CIN_DEV Window<T> chunk_window(const T* p, long long L, long long vec, long long j,
-                               long long chunk_slots, long long& s0, long long& s1)
+CIN_DEV Window<T, long long> chunk_window(const T* p, long long L, long long vec, long long j,
+                                          long long chunk_slots, long long& s0, long long& s1)
 {
-    Window<T> w = plane_window(p, L, vec);
+    Window<T, long long> w = plane_window(p, L, vec);
     const long long ns = plane_slots<T>(L, w.head);
     s0 = j * chunk_slots;
     if (s0 > ns) s0 = ns;
@@ -134,55 +140,55 @@ CIN_DEV Window<T> chunk_window(const T* p, long long L, long long vec, long long
     return w;
 }
 
-/* U slots s, s + stride, ...: elements outside the window read as 0 without touching memory. */
-template <typename T, int U>
-CIN_DEV void load_batch(const T* __restrict__ p, const Window<T>& w, long long s,
-                        long long stride, T (&v)[U][Vec<T>::n])
+/* U slots s, s + stride, ...: elements outside the window are set to `fill` without touching
+ * memory (a fill that adds nothing to the sums that follow spares a mask per element).
+ * Returns the batch's valid bits: bit u*n + j is set when element j of slot u is inside. */
+template <typename T, int U, typename I>
+CIN_DEV unsigned long long load_batch(const T* __restrict__ p, const Window<T, I>& w, I s,
+                                      I stride, T fill, T (&v)[U][Vec<T>::n])
 {
+    constexpr int n = Vec<T>::n;
+    static_assert(U * n <= 64, "a batch has at most 64 elements");
+    unsigned long long bits = 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        const long long e0 = w.first(s + u * stride);
+        const I e0 = w.first(s + u * stride);
         if (w.full(e0)) {
             vload(p + e0, v[u]);
+            bits |= ((1ull << n) - 1) << (u * n);
         } else {
 #pragma unroll
-            for (int j = 0; j < Vec<T>::n; ++j) {
-                T t = T(0);
-                if (w.valid(e0 + j)) t = __ldg(p + e0 + j);
+            for (int j = 0; j < n; ++j) {
+                T t = fill;
+                if (w.valid(e0 + j)) {
+                    t = __ldg(p + e0 + j);
+                    bits |= 1ull << (u * n + j);
+                }
                 v[u][j] = t;
             }
         }
     }
+    return bits;
 }
 
-/* Writes only the elements inside the window. */
-template <typename T, int U>
-CIN_DEV void store_batch(T* __restrict__ p, const Window<T>& w, long long s, long long stride,
-                         const T (&v)[U][Vec<T>::n])
+/* Writes the elements whose valid bit is set (see load_batch). */
+template <typename T, int U, typename I>
+CIN_DEV void store_batch(T* __restrict__ p, const Window<T, I>& w, I s, I stride,
+                         unsigned long long bits, const T (&v)[U][Vec<T>::n])
 {
+    constexpr int n = Vec<T>::n;
+    constexpr unsigned slot_ones = (1u << n) - 1;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        const long long e0 = w.first(s + u * stride);
-        if (w.full(e0)) {
+        const I e0 = w.first(s + u * stride);
+        const unsigned in = (unsigned)(bits >> (u * n)) & slot_ones;
+        if (w.vec && in == slot_ones) {
             vstore(p + e0, v[u]);
         } else {
 #pragma unroll
-            for (int j = 0; j < Vec<T>::n; ++j)
-                if (w.valid(e0 + j)) __stcs(p + e0 + j, v[u][j]);
+            for (int j = 0; j < n; ++j)
+                if ((in >> j) & 1u) __stcs(p + e0 + j, v[u][j]);
         }
-    }
-}
-
-/* f(u, j) for every element of the batch that lies inside the window. */
-template <typename T, int U, class F>
-CIN_DEV void for_valid(const Window<T>& w, long long s, long long stride, F&& f)
-{
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const long long e0 = w.first(s + u * stride);
-#pragma unroll
-        for (int j = 0; j < Vec<T>::n; ++j)
-            if (w.valid(e0 + j)) f(u, j);
     }
 }
 
@@ -304,25 +310,60 @@ struct Grad {
 
 /* ---- one plane held in registers (group and block regimes) ----------------------------- */
 
-/* Exact two-pass mean and biased variance of the window's elements in v (see the header). */
+template <typename T, int S>
+CIN_DEV void sum_elements(const T (&v)[S][Vec<T>::n], T k, T (&a)[Vec<T>::n])
+{
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j) a[j] += v[u][j] - k;
+    }
+}
+
+template <typename T, int S>
+CIN_DEV void sum_squares(const T (&v)[S][Vec<T>::n], T k, T (&a)[Vec<T>::n],
+                         T (&q)[Vec<T>::n])
+{
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j) {
+            const T d = v[u][j] - k;
+            a[j] += d;
+            q[j] += d * d;
+        }
+    }
+}
+
+/* Elements whose valid bit is clear (see load_batch) set to k. */
+template <typename T, int S>
+CIN_DEV void refill(T (&v)[S][Vec<T>::n], unsigned long long bits, T k)
+{
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j)
+            v[u][j] = (bits >> (u * Vec<T>::n + j)) & 1ull ? v[u][j] : k;
+    }
+}
+
+/* Exact two-pass mean and biased variance of a plane held in registers (see the header).
+ * v: the thread's slots, loaded with fill k0 (the plane's first element), so that elements
+ * past the plane add nothing to the first pass around k0; they are set to the second pass's
+ * shift k before it, so that they add nothing there either. */
 template <typename T, int S, class Sum>
-CIN_DEV void register_stats(const Sum& sum, const T* __restrict__ xp, const Window<T>& w,
-                            long long first, long long stride, const T (&v)[S][Vec<T>::n],
+CIN_DEV void register_stats(const Sum& sum, T (&v)[S][Vec<T>::n], unsigned long long bits, T k0,
                             double inv_l, double& mean, double& var)
 {
     constexpr int n = Vec<T>::n;
-    const T k0 = w.hi > w.lo ? __ldg(xp + w.lo) : T(0);
     T a[n] = {};
-    for_valid<T, S>(w, first, stride, [&](int u, int j) { a[j] += v[u][j] - k0; });
+    sum_elements<T, S>(v, k0, a);
     double s1[1] = {hsum<T>(a)};
     sum(s1);
     const T k = (T)((double)k0 + s1[0] * inv_l);
+    refill<T, S>(v, bits, k);
     T c1[n] = {}, c2[n] = {};
-    for_valid<T, S>(w, first, stride, [&](int u, int j) {
-        const T d = v[u][j] - k;
-        c1[j] += d;
-        c2[j] += d * d;
-    });
+    sum_squares<T, S>(v, k, c1, c2);
     double s2[2] = {hsum<T>(c1), hsum<T>(c2)};
     sum(s2);
     mean = (double)k + s2[0] * inv_l;
@@ -339,35 +380,60 @@ CIN_DEV void normalize_registers(T (&v)[S][Vec<T>::n], const Normalize<T>& f)
     }
 }
 
-/* Backward of one plane from registers; returns sum(dy) and sum(dy * (x - mean)). */
-template <typename T, int S, class Sum>
-CIN_DEV void register_backward(const Sum& sum, const T* __restrict__ dyp,
-                               const T* __restrict__ xp, T* __restrict__ dxp,
-                               const Window<T>& w, long long first, long long stride,
-                               double inv_l, double mean, double rstd, double wt,
-                               bool input_stats, double& sdy, double& sdyc)
+/* dy <- dx of the batch. */
+template <typename T, int S>
+CIN_DEV void grad_registers(T (&g)[S][Vec<T>::n], const T (&v)[S][Vec<T>::n], const Grad<T>& f)
 {
-    constexpr int n = Vec<T>::n;
-    T g[S][n], v[S][n];
-    load_batch<T, S>(dyp, w, first, stride, g);
-    load_batch<T, S>(xp, w, first, stride, v);
-    const T k = (T)mean;
-    T a1[n] = {}, a2[n] = {};
-    for_valid<T, S>(w, first, stride, [&](int u, int j) {
-        a1[j] += g[u][j];
-        a2[j] += g[u][j] * (v[u][j] - k);
-    });
-    double s[2] = {hsum<T>(a1), hsum<T>(a2)};
-    sum(s);
-    sdy = s[0];
-    sdyc = s[1] + ((double)k - mean) * sdy;
-    const Grad<T> f(mean, rstd, wt, sdy, sdyc, inv_l, input_stats);
 #pragma unroll
     for (int u = 0; u < S; ++u) {
 #pragma unroll
-        for (int j = 0; j < n; ++j) g[u][j] = f(g[u][j], v[u][j]);
+        for (int j = 0; j < Vec<T>::n; ++j) g[u][j] = f(g[u][j], v[u][j]);
     }
-    store_batch<T, S>(dxp, w, first, stride, g);
+}
+
+/* sum(dy) and sum(dy * (x - k)) of a batch loaded with fills 0 (dy) and k (x), so elements
+ * outside the window add nothing. */
+template <typename T, int S>
+CIN_DEV void grad_sums(const T (&g)[S][Vec<T>::n], const T (&v)[S][Vec<T>::n], T k,
+                       T (&a1)[Vec<T>::n], T (&a2)[Vec<T>::n])
+{
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j) {
+            a1[j] += g[u][j];
+            a2[j] += g[u][j] * (v[u][j] - k);
+        }
+    }
+}
+
+/* Backward of one plane from registers: dx, and sum(dy), sum(dy * (x - mean)) * rstd written
+ * by the thread with `leader` set (before dx, so that they hold no registers meanwhile). */
+template <typename T, int S, class Sum>
+CIN_DEV void register_backward(const Sum& sum, const T* __restrict__ dyp,
+                               const T* __restrict__ xp, T* __restrict__ dxp,
+                               const Window<T, int>& w, int first, int stride,
+                               double inv_l, double mean, double rstd, double wt,
+                               bool input_stats, bool leader, double* __restrict__ sum_dy,
+                               double* __restrict__ sum_dy_xhat)
+{
+    constexpr int n = Vec<T>::n;
+    const T k = (T)mean;
+    T g[S][n], v[S][n];
+    const unsigned long long bits = load_batch<T, S>(dyp, w, first, stride, T(0), g);
+    load_batch<T, S>(xp, w, first, stride, k, v);
+    T a1[n] = {}, a2[n] = {};
+    grad_sums<T, S>(g, v, k, a1, a2);
+    double s[2] = {hsum<T>(a1), hsum<T>(a2)};
+    sum(s);
+    const double sdy = s[0];
+    const double sdyc = s[1] + ((double)k - mean) * sdy;
+    if (leader) {
+        *sum_dy = sdy;
+        *sum_dy_xhat = sdyc * rstd;
+    }
+    grad_registers<T, S>(g, v, Grad<T>(mean, rstd, wt, sdy, sdyc, inv_l, input_stats));
+    store_batch<T, S>(dxp, w, first, stride, bits, g);
 }
 
 /* Mean and M2 of a plane from its chunks' (count, mean, M2) partials, the same in every block. */
@@ -394,9 +460,9 @@ CIN_DEV void merge_partials(const BlockSum& sum, const double* __restrict__ part
 
 /* ==== forward: instance statistics, or given ones (eval) ================================== */
 
-/* Group regime.  Planes p = t / group for global thread t; lane r of a group owns slots
+/* Group regime.  Plane p = t / group for global thread t; lane r of a group owns slots
  * r, r + group, ..., r + (S-1)*group.  fixed_mean != null: normalize with the given mean and
- * var (eval) instead of the plane's statistics.  Stats outputs may be null. */
+ * var (eval) instead of the plane's statistics.  The stats outputs may be null. */
 template <typename T, int S>
 __global__ void __launch_bounds__(CIN_GROUP_THREADS)
 cin_fwd_group(const T* __restrict__ x, T* __restrict__ y, long long P, long long L, long long C,
@@ -415,31 +481,32 @@ cin_fwd_group(const T* __restrict__ x, T* __restrict__ y, long long P, long long
     const bool active = p < P;
     const long long q = active ? p : 0;  // lanes past the last plane still join the shuffles
     const T* xp = x + q * L;
-    Window<T> w = plane_window(xp, active ? L : 0, vec);
-    const long long first = threadIdx.x & (G - 1);
+    const Window<T, int> w = plane_window(xp, active ? (int)L : 0, vec);
+    const int first = threadIdx.x & (G - 1);
+    const T k0 = active && !fixed_mean ? __ldg(xp) : T(0);
     T v[S][n];
-    load_batch<T, S>(xp, w, first, G, v);
+    const unsigned long long bits = load_batch<T, S>(xp, w, first, G, k0, v);
     double mean, var;
     if (fixed_mean) {
         mean = plane_param(fixed_mean, m_ns, C, q, 0.0);
         var = plane_param(fixed_var, v_ns, C, q, 1.0);
     } else {
-        register_stats<T, S>(GroupSum{G}, xp, w, first, G, v, 1.0 / (double)L, mean, var);
+        register_stats<T, S>(GroupSum{G}, v, bits, k0, 1.0 / (double)L, mean, var);
     }
     const double rstd = 1.0 / sqrt(var + eps);
-    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, q, 1.0),
-                                              plane_param(bias, b_ns, C, q, 0.0)));
-    store_batch<T, S>(y + q * L, w, first, G, v);
     if (active && first == 0 && mean_out) {
         mean_out[p] = mean;
         var_out[p] = var;
         rstd_out[p] = rstd;
     }
+    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, q, 1.0),
+                                              plane_param(bias, b_ns, C, q, 0.0)));
+    store_batch<T, S>(y + q * L, w, first, G, bits, v);
 }
 
 /* Block regime: block p normalizes plane p; thread t owns slots t, t + blockDim.x, ... */
 template <typename T, int S>
-__global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS)
+__global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS, CIN_BLOCK_MIN_BLOCKS(S))
 cin_fwd_block(const T* __restrict__ x, T* __restrict__ y, long long L, long long C, long long vec,
               const double* __restrict__ weight, long long w_ns,
               const double* __restrict__ bias, long long b_ns, double eps,
@@ -451,21 +518,22 @@ cin_fwd_block(const T* __restrict__ x, T* __restrict__ y, long long L, long long
     __shared__ double buf[64];
     const long long p = blockIdx.x;
     const T* xp = x + p * L;
-    const Window<T> w = plane_window(xp, L, vec);
+    const Window<T, int> w = plane_window(xp, (int)L, vec);
+    const int first = threadIdx.x, stride = blockDim.x;
+    const T k0 = __ldg(xp);
     T v[S][n];
-    load_batch<T, S>(xp, w, threadIdx.x, blockDim.x, v);
+    const unsigned long long bits = load_batch<T, S>(xp, w, first, stride, k0, v);
     double mean, var;
-    register_stats<T, S>(BlockSum{buf}, xp, w, threadIdx.x, blockDim.x, v, 1.0 / (double)L,
-                         mean, var);
+    register_stats<T, S>(BlockSum{buf}, v, bits, k0, 1.0 / (double)L, mean, var);
     const double rstd = 1.0 / sqrt(var + eps);
-    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
-                                              plane_param(bias, b_ns, C, p, 0.0)));
-    store_batch<T, S>(y + p * L, w, threadIdx.x, blockDim.x, v);
     if (threadIdx.x == 0) {
         mean_out[p] = mean;
         var_out[p] = var;
         rstd_out[p] = rstd;
     }
+    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
+                                              plane_param(bias, b_ns, C, p, 0.0)));
+    store_batch<T, S>(y + p * L, w, first, stride, bits, v);
 }
 
 /* Chunk regime, kernel A: block b = p * chunks + j writes part[3b..3b+2] = (count, mean, M2) of
@@ -478,21 +546,18 @@ cin_fwd_chunk_stats(const T* __restrict__ x, long long L, long long chunks,
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
     __shared__ double buf[64];
+    const long long bd = blockDim.x;
     const long long b = blockIdx.x, p = b / chunks, j = b % chunks;
     const T* xp = x + p * L;
     long long s0, s1;
-    const Window<T> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
+    const Window<T, long long> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
     const long long count = w.hi - w.lo;
     const T k = count > 0 ? __ldg(xp + w.lo) : T(0);
     T a1[n] = {}, a2[n] = {};
-    for (long long s = s0 + threadIdx.x; s < s1; s += U * (long long)blockDim.x) {
+    for (long long s = s0 + threadIdx.x; s < s1; s += U * bd) {
         T v[U][n];
-        load_batch<T, U>(xp, w, s, blockDim.x, v);
-        for_valid<T, U>(w, s, blockDim.x, [&](int u, int jj) {
-            const T d = v[u][jj] - k;
-            a1[jj] += d;
-            a2[jj] += d * d;
-        });
+        load_batch<T, U>(xp, w, s, bd, k, v);  // fill k: adds nothing
+        sum_squares<T, U>(v, k, a1, a2);
     }
     double s[2] = {hsum<T>(a1), hsum<T>(a2)};
     BlockSum{buf}(s);
@@ -528,15 +593,15 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
     __shared__ double buf[64];
+    const long long bd = blockDim.x;
     const long long b = blockIdx.x, p = b / chunks, j = b % chunks;
     const T* xp = x + p * L;
     T* yp = y + p * L;
     long long s0, s1;
-    const Window<T> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
-    const long long step = U * (long long)blockDim.x;
+    const Window<T, long long> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
     long long s = s0 + threadIdx.x;
     T v[U][n];
-    load_batch<T, U>(xp, w, s, blockDim.x, v);  // in flight during the merge
+    unsigned long long bits = load_batch<T, U>(xp, w, s, bd, T(0), v);  // in flight during the merge
     double mean, var;
     if (part) {
         double m2;
@@ -556,10 +621,10 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
     }
     for (;;) {
         normalize_registers<T, U>(v, f);
-        store_batch<T, U>(yp, w, s, blockDim.x, v);
-        s += step;
+        store_batch<T, U>(yp, w, s, bd, bits, v);
+        s += U * bd;
         if (s >= s1) break;
-        load_batch<T, U>(xp, w, s, blockDim.x, v);
+        bits = load_batch<T, U>(xp, w, s, bd, T(0), v);
     }
 }
 
@@ -582,17 +647,13 @@ cin_bwd_group(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__
     const bool active = p < P;
     const long long q = active ? p : 0;
     const long long off = q * L;
-    const Window<T> w = plane_window(x + off, active ? L : 0, vec);
-    const long long first = threadIdx.x & (G - 1);
-    const double rstd = plane_param(rstd_p, r_ns, C, q, 1.0);
-    double sdy, sdyc;
+    const Window<T, int> w = plane_window(x + off, active ? (int)L : 0, vec);
+    const int first = threadIdx.x & (G - 1);
     register_backward<T, S>(GroupSum{G}, dy + off, x + off, dx + off, w, first, G,
-                            1.0 / (double)L, plane_param(mean_p, m_ns, C, q, 0.0), rstd,
-                            plane_param(weight, w_ns, C, q, 1.0), input_stats != 0, sdy, sdyc);
-    if (active && first == 0) {
-        sum_dy[p] = sdy;
-        sum_dy_xhat[p] = sdyc * rstd;
-    }
+                            1.0 / (double)L, plane_param(mean_p, m_ns, C, q, 0.0),
+                            plane_param(rstd_p, r_ns, C, q, 1.0),
+                            plane_param(weight, w_ns, C, q, 1.0), input_stats != 0,
+                            active && first == 0, sum_dy + q, sum_dy_xhat + q);
 }
 
 template <typename T, int S>
@@ -607,17 +668,13 @@ cin_bwd_block(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__
     using namespace cin;
     __shared__ double buf[64];
     const long long p = blockIdx.x, off = p * L;
-    const Window<T> w = plane_window(x + off, L, vec);
-    const double rstd = plane_param(rstd_p, r_ns, C, p, 1.0);
-    double sdy, sdyc;
-    register_backward<T, S>(BlockSum{buf}, dy + off, x + off, dx + off, w, threadIdx.x,
-                            blockDim.x, 1.0 / (double)L, plane_param(mean_p, m_ns, C, p, 0.0),
-                            rstd, plane_param(weight, w_ns, C, p, 1.0), input_stats != 0,
-                            sdy, sdyc);
-    if (threadIdx.x == 0) {
-        sum_dy[p] = sdy;
-        sum_dy_xhat[p] = sdyc * rstd;
-    }
+    const Window<T, int> w = plane_window(x + off, (int)L, vec);
+    register_backward<T, S>(BlockSum{buf}, dy + off, x + off, dx + off, w, (int)threadIdx.x,
+                            (int)blockDim.x, 1.0 / (double)L,
+                            plane_param(mean_p, m_ns, C, p, 0.0),
+                            plane_param(rstd_p, r_ns, C, p, 1.0),
+                            plane_param(weight, w_ns, C, p, 1.0), input_stats != 0,
+                            threadIdx.x == 0, sum_dy + p, sum_dy_xhat + p);
 }
 
 /* Chunk regime, kernel A: part[2b], part[2b+1] = sum(dy), sum(dy * (x - k)) of chunk j of
@@ -635,29 +692,23 @@ cin_bwd_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, T* __restr
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
     __shared__ double buf[64];
+    const long long bd = blockDim.x;
     const long long b = blockIdx.x, p = b / chunks, j = b % chunks, off = p * L;
     long long s0, s1;
-    const Window<T> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
+    const Window<T, long long> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
     const double mean = plane_param(mean_p, m_ns, C, p, 0.0);
     const T k = (T)mean;
     const Grad<T> f(mean, plane_param(rstd_p, r_ns, C, p, 1.0),
                     plane_param(weight, w_ns, C, p, 1.0), 0.0, 0.0, 0.0, false);
     T a1[n] = {}, a2[n] = {};
-    for (long long s = s0 + threadIdx.x; s < s1; s += U * (long long)blockDim.x) {
+    for (long long s = s0 + threadIdx.x; s < s1; s += U * bd) {
         T g[U][n], v[U][n];
-        load_batch<T, U>(dy + off, w, s, blockDim.x, g);
-        load_batch<T, U>(x + off, w, s, blockDim.x, v);
-        for_valid<T, U>(w, s, blockDim.x, [&](int u, int jj) {
-            a1[jj] += g[u][jj];
-            a2[jj] += g[u][jj] * (v[u][jj] - k);
-        });
+        const unsigned long long bits = load_batch<T, U>(dy + off, w, s, bd, T(0), g);
+        load_batch<T, U>(x + off, w, s, bd, k, v);
+        grad_sums<T, U>(g, v, k, a1, a2);
         if (!input_stats) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-#pragma unroll
-                for (int jj = 0; jj < n; ++jj) g[u][jj] = f(g[u][jj], v[u][jj]);
-            }
-            store_batch<T, U>(dx + off, w, s, blockDim.x, g);
+            grad_registers<T, U>(g, v, f);
+            store_batch<T, U>(dx + off, w, s, bd, bits, g);
         }
     }
     double s[2] = {hsum<T>(a1), hsum<T>(a2)};
@@ -684,22 +735,23 @@ cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restric
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
     __shared__ double buf[64];
+    const long long bd = blockDim.x;
     const long long per_plane = input_stats ? chunks : 1;
     const long long b = blockIdx.x, p = b / per_plane, j = b % per_plane, off = p * L;
     long long s0, s1;
-    const Window<T> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
-    const long long step = U * (long long)blockDim.x;
-    long long s = s0 + threadIdx.x;
-    T g[U][n], v[U][n];
-    if (input_stats) {  // in flight during the merge
-        load_batch<T, U>(dy + off, w, s, blockDim.x, g);
-        load_batch<T, U>(x + off, w, s, blockDim.x, v);
-    }
+    const Window<T, long long> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
     const double mean = plane_param(mean_p, m_ns, C, p, 0.0);
     const double rstd = plane_param(rstd_p, r_ns, C, p, 1.0);
+    long long s = s0 + threadIdx.x;
+    T g[U][n] = {}, v[U][n] = {};
+    unsigned long long bits = 0;
+    if (input_stats) {  // in flight during the merge
+        bits = load_batch<T, U>(dy + off, w, s, bd, T(0), g);
+        load_batch<T, U>(x + off, w, s, bd, T(0), v);
+    }
     const double* pp = part + 2 * p * chunks;
     double a[2] = {0.0, 0.0};
-    for (long long i = threadIdx.x; i < chunks; i += blockDim.x) {
+    for (long long i = threadIdx.x; i < chunks; i += bd) {
         a[0] += pp[2 * i];
         a[1] += pp[2 * i + 1];
     }
@@ -714,15 +766,11 @@ cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restric
     const Grad<T> f(mean, rstd, plane_param(weight, w_ns, C, p, 1.0), sdy, sdyc,
                     1.0 / (double)L, true);
     for (;;) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int jj = 0; jj < n; ++jj) g[u][jj] = f(g[u][jj], v[u][jj]);
-        }
-        store_batch<T, U>(dx + off, w, s, blockDim.x, g);
-        s += step;
+        grad_registers<T, U>(g, v, f);
+        store_batch<T, U>(dx + off, w, s, bd, bits, g);
+        s += U * bd;
         if (s >= s1) break;
-        load_batch<T, U>(dy + off, w, s, blockDim.x, g);
-        load_batch<T, U>(x + off, w, s, blockDim.x, v);
+        bits = load_batch<T, U>(dy + off, w, s, bd, T(0), g);
+        load_batch<T, U>(x + off, w, s, bd, T(0), v);
     }
 }

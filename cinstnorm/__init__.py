@@ -45,6 +45,11 @@ def _openmp_runtime() -> str:
     return "; ".join(libs) if libs else "none found"
 
 
+def _gpu_status() -> str:
+    from . import _gpu
+    return _gpu.gpu_status()
+
+
 def config() -> dict:
     """Build and runtime facts as a dict (what :func:`show_config` prints)."""
     return {
@@ -62,6 +67,7 @@ def config() -> dict:
         "stream_stores_above_bytes": _cpu.stream_min_bytes(),
         "compiler_flags": _cpu.build_flags(),
         "bounds_checking": _cpu.bounds_checking(),
+        "gpu": _gpu_status(),
     }
 
 

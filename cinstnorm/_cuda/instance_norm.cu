@@ -31,10 +31,12 @@
  * Numerics: statistics from registers are exact two-pass: a mean estimate m1 from sums around
  * the plane's first element, then sum(x - k) and sum((x - k)^2) around k = m1 rounded to T, so
  * x - k is exact near the mean; each thread accumulates its few dozen elements in T and the
- * reductions across threads are in double.  Elements a thread holds past the plane's end are
- * loaded as a value that adds nothing to the sums (no per-element masks: they would cost a
- * register each, as predicates kept across the passes).  Chunk partials are (count, mean, M2) from sums in
- * T around the chunk's first element, merged in double (sum of counts and count-weighted
+ * reductions across threads are in double.  Elements a thread holds outside the plane are
+ * loaded as the first pass's shift and set to the second pass's shift in between, so they add
+ * nothing to either sum; one 64-bit mask per thread records which elements are real
+ * (per-element predicates kept across the passes would cost a register each).  Chunk
+ * partials are (count, mean, M2) from sums in T around the chunk's first element (elements
+ * outside the chunk are loaded as that shift), merged in double (sum of counts and count-weighted
  * means, then M2 = sum(M2_j + n_j (mean_j - mean)^2), which has no cancellation).
  * Normalization is y = (x - k) * alpha + beta with k = mean rounded to T, alpha = rstd * w and
  * beta = b - (mean - k) * alpha computed in double: no x * alpha + beta cancellation.
@@ -601,7 +603,7 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
     const Window<T, long long> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
     long long s = s0 + threadIdx.x;
     T v[U][n];
-    unsigned long long bits = load_batch<T, U>(xp, w, s, bd, T(0), v);  // in flight during the merge
+    unsigned long long bits = load_batch<T, U>(xp, w, s, bd, T(0), v);  // in flight: merge
     double mean, var;
     if (part) {
         double m2;

@@ -122,11 +122,10 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     """Normalize with instance statistics; returns y and float64 (P,) mean, var, rstd."""
     N, C = x.shape[:2]
     P = N * C
-    mean, var, rstd = np.empty((3, P))
-    if x.size == 0:
-        for a in (mean, var, rstd):
-            a.fill(np.nan)
+    if x.size == 0:  # undefined statistics, without allocating N*C of them (N*C may be huge)
+        mean, var, rstd = np.broadcast_to(np.nan, (3, P))
         return _empty_like_input(x, out), mean, var, rstd
+    mean, var, rstd = np.empty((3, P))
     lay = _Layout(x)
     xk = lay.kernel_view(x, V.compute_dtype(x.dtype))
     y, yk = lay.target(x, xk, out)
@@ -180,7 +179,8 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     N, C = x.shape[:2]
     P = N * C
     if x.size == 0:
-        return _empty_like_input(x, out), np.zeros(P), np.zeros(P)
+        sums = np.broadcast_to(0.0, (2, P))  # empty sums, without allocating N*C of them
+        return _empty_like_input(x, out), sums[0], sums[1]
     lay = _Layout(x)
     cdt = V.compute_dtype(x.dtype)
     xk = lay.kernel_view(x, cdt)
@@ -334,6 +334,9 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     nt = resolve_threads(n_threads)
     y, mean_p, _, rstd_p = _forward(x, weight, bias, eps, nt, out)
     cdt = V.compute_dtype(x.dtype)
+    if x.size == 0:  # read-only NaN views: N*C may be too large to allocate
+        nan = np.broadcast_to(np.array(np.nan, cdt), (N, C))
+        return y, nan, nan
     return y, mean_p.reshape(N, C).astype(cdt), rstd_p.reshape(N, C).astype(cdt)
 
 

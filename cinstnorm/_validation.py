@@ -137,6 +137,28 @@ def check_writable_buffer(buf: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} is read-only but must be updated in place")
 
 
+def check_running_buffers(running_mean, running_var, C: int, use_input_stats: bool,
+                          momentum) -> bool:
+    """The functional forms' buffer rules; returns whether buffers are given (tracking)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or neither)")
+    tracking = running_mean is not None
+    if tracking:
+        check_buffer(running_mean, C, "running_mean")
+        check_buffer(running_var, C, "running_var")
+    if not use_input_stats and not tracking:
+        raise ValueError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false"
+        )
+    if use_input_stats and tracking:
+        check_writable_buffer(running_mean, "running_mean")
+        check_writable_buffer(running_var, "running_var")
+        if momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs a batch count: use the "
+                             "InstanceNorm modules, or pass momentum=1/num_batches")
+    return tracking
+
+
 def check_out(out, x: np.ndarray) -> None:
     if out is None:
         return

@@ -84,21 +84,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     N, C = x.shape[:2]
     weight = None if weight is None else np.asarray(V.check_per_channel(weight, C, "weight"))
     bias = None if bias is None else np.asarray(V.check_per_channel(bias, C, "bias"))
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or neither)")
-    tracking = running_mean is not None
-    if tracking:
-        V.check_buffer(running_mean, C, "running_mean")
-        V.check_buffer(running_var, C, "running_var")
-    if not use_input_stats and not tracking:
-        raise ValueError(
-            "Expected running_mean and running_var to be defined when use_input_stats is false"
-        )
-    if use_input_stats and tracking:
-        V.check_writable_buffer(running_mean, "running_mean")
-        V.check_writable_buffer(running_var, "running_var")
-        if momentum is None:
-            raise ValueError("momentum=None (cumulative average) needs a batch count")
+    tracking = V.check_running_buffers(running_mean, running_var, C, use_input_stats, momentum)
     V.check_spatial(x.shape, use_input_stats)
     if x.size == 0:
         return x.copy()

@@ -28,6 +28,7 @@ cdef extern from "cin_omp.h" nogil:
     int omp_get_thread_num()
     int omp_get_num_threads()
     int omp_get_max_threads()
+    void cin_barrier()
     int CIN_HAVE_OPENMP
     int CIN_OPENMP_VERSION
 
@@ -257,10 +258,12 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
+        cin_barrier()
         for p in prange(P, schedule='static'):
             _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
             var[p] = var[p] * inv_l
             rstd[p] = 1.0 / sqrt(var[p] + eps)
+        cin_barrier()
         for i in prange(P * k, schedule='static'):
             p = i // k
             j = i % k
@@ -335,6 +338,7 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, _param(mean, p, 0.0), &cg[i], &cc[i])
+        cin_barrier()
         for p in prange(P, schedule='static'):
             sg = 0.0
             sc = 0.0
@@ -343,6 +347,7 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
                 sc = sc + cc[p * k + j]
             sum_dy[p] = sg
             sum_dy_xhat[p] = sc
+        cin_barrier()
         for i in prange(P * k, schedule='static'):
             p = i // k
             j = i % k
@@ -351,6 +356,7 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, _param(mean, p, 0.0),
                     _param(rstd, p, 1.0), _param(weight, p, 1.0),
                     sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
+        cin_barrier()
         for p in prange(P, schedule='static'):
             sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
     return 0
@@ -375,6 +381,7 @@ cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
+        cin_barrier()
         for p in prange(P, schedule='static'):
             _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
             var[p] = var[p] * inv_l
@@ -519,6 +526,7 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 if rem > 0:
                     _cl_stats(&x[n, lo + full * R, 0], rem, C, &scratch[i, 0, 0],
                               &scratch[i, 1, 0], &scratch[i, 2, 0], &pmean[i, RC], &pm2[i, RC])
+        cin_barrier()
         for p in prange(g0 * C, g1 * C, schedule='static'):
             n = p // C
             c = p % C
@@ -545,6 +553,7 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 coef[0, n, r * C + c] = kk
                 coef[1, n, r * C + c] = <floating>a
                 coef[2, n, r * C + c] = <floating>bb
+        cin_barrier()
         for i in prange(g0 * k, g1 * k, schedule='static'):
             n = i // k
             # assigned here (not through pointers) so prange keeps them thread-private
@@ -604,6 +613,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
         for p in prange(g0 * C, g1 * C, schedule='static'):
             for r in range(R):
                 coef[0, p // C, r * C + p % C] = <floating>_param(mean, p, 0.0)
+        cin_barrier()
         for i in prange(g0 * k, g1 * k, schedule='static'):
             n = i // k
             # assigned here (not through pointers) so prange keeps them thread-private
@@ -620,6 +630,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                 _cl_bwd_sums(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0], rem, C,
                              &coef[0, n, 0], &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, RC],
                              &px[i, RC])
+        cin_barrier()
         for p in prange(g0 * C, g1 * C, schedule='static'):
             n = p // C
             c = p % C
@@ -645,6 +656,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                 coef[1, n, r * C + c] = <floating>a
                 coef[2, n, r * C + c] = <floating>b
                 coef[3, n, r * C + c] = <floating>cc
+        cin_barrier()
         for i in prange(g0 * k, g1 * k, schedule='static'):
             n = i // k
             # assigned here (not through pointers) so prange keeps them thread-private

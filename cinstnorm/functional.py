@@ -50,14 +50,17 @@ class _Layout:
         self.kshape = (N, -1, C) if self.cl else (N * C, -1)
 
     def kernel_view(self, a: np.ndarray, dtype) -> np.ndarray:
-        """`a` (shaped like x) in kernel order and dtype: a view when possible, else a copy."""
+        """`a` (shaped like x) in kernel order and dtype: a view when possible, else a copy
+        (also of a misaligned buffer: the C kernels assume element-aligned pointers)."""
         if self.cl:
-            return np.ascontiguousarray(np.moveaxis(a, 1, -1), dtype=dtype).reshape(self.kshape)
-        return _planes(a, dtype)
+            k = np.ascontiguousarray(np.moveaxis(a, 1, -1), dtype=dtype).reshape(self.kshape)
+        else:
+            k = _planes(a, dtype)
+        return k if k.flags.aligned else k.copy()
 
     def writable_view(self, a: np.ndarray, dtype):
         """`a` in kernel order without a copy, or None when its memory is not laid out so."""
-        if a.dtype != dtype:
+        if a.dtype != dtype or not a.flags.aligned:
             return None
         k = np.moveaxis(a, 1, -1) if self.cl else a
         return k.reshape(self.kshape) if k.flags.c_contiguous else None

@@ -14,4 +14,14 @@ static inline int omp_get_num_threads(void) { return 1; }
 static inline int omp_get_max_threads(void) { return 1; }
 static inline void omp_set_num_threads(int n) { (void)n; }
 #endif
+
+/* A barrier for the enclosing parallel region (an orphaned `omp barrier`).  Cython emits the
+ * prange loops of one `with parallel()` block as `omp for nowait`; the phases that read what
+ * other threads wrote in the previous loop are separated by this explicit barrier. */
+static inline void cin_barrier(void)
+{
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
 #endif

@@ -591,6 +591,8 @@ def test_module_sessions_match_the_reference_model(session):
                             track_running_stats=cfg["track_running_stats"], bias=cfg["bias"])
     mdt = np.dtype(cfg["dtype"])
     last = None  # (batched shape, dtype) of the last successful forward
+    # sums of |terms| of the accumulated gradients: a float32 sum's rounding scales with them
+    grad_mag = {"weight_grad": 0.0, "bias_grad": 0.0}
     for op in ops:
         state = module_state(m)
         if op[0] in ("forward", "backward"):
@@ -649,6 +651,13 @@ def test_module_sessions_match_the_reference_model(session):
                             setattr(model, k, zero if getattr(model, k) is None else
                                     getattr(model, k))
                     continue
+                sx, smean, srstd, _ = model._saved
+                ex = smean.shape + (1,) * (sx.ndim - 2)
+                g = np.abs(ab.astype(np.float64))
+                axes = (0,) + tuple(range(2, sx.ndim))
+                grad_mag["weight_grad"] = grad_mag["weight_grad"] + (
+                    g * np.abs((sx - smean.reshape(ex)) * srstd.reshape(ex))).sum(axis=axes)
+                grad_mag["bias_grad"] = grad_mag["bias_grad"] + g.sum(axis=axes)
                 expected = model.backward(ab)
             res = np.asarray(result)[None] if unbatched else result
             assert_matches(res, expected, op[0], like=tol_like, mag=np.abs(expected) + 1)
@@ -661,6 +670,7 @@ def test_module_sessions_match_the_reference_model(session):
         elif op[0] == "zero_grad":
             m.zero_grad()
             model.weight_grad = model.bias_grad = None
+            grad_mag = {"weight_grad": 0.0, "bias_grad": 0.0}
         elif op[0] == "reset":
             m.reset_running_stats()
             if model.track:
@@ -676,7 +686,8 @@ def test_module_sessions_match_the_reference_model(session):
             assert (mine is None) == (theirs is None), k
             if mine is not None:
                 assert mine.dtype == mdt
-                assert_matches(mine, theirs, k, like=(np.empty(0, mdt),), mag=np.abs(theirs) + 1)
+                mag = np.abs(theirs) + 1 + (grad_mag[k] if k in grad_mag else 0)
+                assert_matches(mine, theirs, k, like=(np.empty(0, mdt),), mag=mag)
         assert m.num_batches_tracked == model.num_batches_tracked
 
 
@@ -809,3 +820,29 @@ def test_channels_last_forward_with_two_threads_matches_reference():
         x = np.asarray(rng.standard_normal((1, 3, 17913)).astype(np.float32), order="F")
         y = cin.instance_norm(x, n_threads=2)
         assert_matches(y, ref.forward(x)[0], "channels-last forward, 2 threads")
+
+
+def unaligned(a):
+    """A C-contiguous copy of ``a`` whose data starts one byte past an aligned address."""
+    raw = bytearray(a.nbytes + 1)
+    u = np.frombuffer(raw, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned and u.flags.c_contiguous
+    return u
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unaligned_input_and_out(dtype):
+    # NumPy allows unaligned C-contiguous arrays (np.frombuffer with an offset, packed records);
+    # under UBSan (CINSTNORM_SANITIZE=undefined) this test shows whether the kernels read or
+    # write such memory through misaligned pointers (undefined behaviour in C)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 3, 64)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    xu, dyu, out = unaligned(x), unaligned(dy), unaligned(np.zeros_like(x))
+    y_ref, mean, rstd = ref.forward(x)
+    assert_matches(cin.instance_norm(xu), y_ref, "y from unaligned x")
+    assert cin.instance_norm(x, out=out) is out
+    assert_matches(out, y_ref, "y into unaligned out")
+    dx, _, _ = cin.instance_norm_backward(dyu, xu, mean, rstd, out=unaligned(np.zeros_like(x)))
+    assert_matches(dx, ref.backward(dy, x, mean, rstd)[0], "dx, all unaligned", mag=np.abs(dy) * 8)

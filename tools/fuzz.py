@@ -1012,6 +1012,13 @@ class Campaign:
             self.calls += 1  # the call that crashed
             sig = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
             self.write_reproducer("crash", case, f"worker seed {w['seed']} killed by {sig}")
+        elif rc != 0 and b"Sanitizer" in err:
+            # under AddressSanitizer/UBSan a fault is a sanitizer report and exit status 1
+            self.crashes += 1
+            self.calls += 1
+            report = [line for line in err.decode(errors="replace").splitlines()
+                      if "Sanitizer" in line or "runtime error" in line]
+            self.write_reproducer("crash", case, f"worker seed {w['seed']}: {report[0]}")
         elif rc != 0 or not head.get("done"):
             self.unexpected += 1
             tail = err.decode(errors="replace")[-2000:]

@@ -7,6 +7,7 @@ import pytest
 import cinstnorm as cin
 
 from helpers import assert_close, make_x
+from test_gradcheck import fd_grad as _numeric_grad
 
 
 def _stats(a):
@@ -24,21 +25,6 @@ def adain_ref(c, s, eps=1e-5):
     nd = c.ndim
     return ((np.asarray(c, np.float64) - _expand(mc, nd)) / np.sqrt(_expand(vc, nd) + eps)
             * np.sqrt(_expand(vs, nd) + eps) + _expand(ms, nd))
-
-
-def _numeric_grad(f, a, eps=1e-6):
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = a[i]
-        a[i] = old + eps
-        up = f()
-        a[i] = old - eps
-        down = f()
-        a[i] = old
-        g[i] = (up - down) / (2 * eps)
-    return g
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -7,6 +7,7 @@ with torch CPU (when torch imports) and with a vectorised NumPy reference writte
 reported as a ratio measured in the same run, because absolute times hold only on one machine.
 
 Neither cinstnorm's compiled extension nor torch is imported before a benchmark runs.
+``--device cuda|all`` adds GPU rows from ``cinstnorm._bench_gpu``, imported (with CuPy) only then.
 
 Examples
 --------
@@ -390,6 +391,10 @@ def _parse_args(argv):
     parser.add_argument("--repeat", type=int, default=7,
                         help="timed samples per measurement; the table shows the best "
                              "(default: %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="cpu",
+                        help="cpu: the CPU tables; cuda: only GPU rows on CuPy arrays (CUDA "
+                             "events, against a CuPy y = a*x + b floor and torch CUDA; needs "
+                             "CuPy and a device); all: both (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar on stderr")
@@ -424,35 +429,64 @@ def _environment(threads: int, repeat: int, torch) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark and print the table; ``argv`` excludes the ``bench`` word.
 
-    Returns 0 (the process exit status).
+    Returns the process exit status: 0, or 2 for ``--device cuda`` without a usable GPU.
     """
     args = _parse_args(argv)
+    gpu_bench = gpu_torch = gpu_skipped = None
+    if args.device != "cpu":
+        from . import _bench_gpu as gpu_bench  # imports CuPy only when it runs
+        gpu_skipped = gpu_bench.unavailable_reason()
+        if gpu_skipped is not None and args.device == "cuda":
+            print(f"cinstnorm bench --device cuda: no usable GPU: {gpu_skipped}", file=sys.stderr)
+            return 2
+        if gpu_skipped is not None:
+            gpu_bench = None
+    run_cpu = args.device != "cuda"
     torch = _import_torch()
     saved_torch_threads = None
     if torch is not None:
         saved_torch_threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
-    per_case = len(CIN_NUMPY_KEYS) + (len(TORCH_KEYS) if torch is not None else 0)
+    per_case = (len(CIN_NUMPY_KEYS) + (len(TORCH_KEYS) if torch is not None else 0)) * run_cpu
+    if gpu_bench is not None:
+        gpu_torch = gpu_bench.torch_cuda(torch)
+        per_case += gpu_bench.steps_per_case(gpu_torch)
     progress = Progress(len(args.shapes) * len(args.dtype) * per_case,
                         enabled=not args.no_progress and sys.stderr.isatty())
+    cases, gpu_cases = [], []
     try:
-        cases = run_benchmarks(args.shapes, args.dtype, args.threads, args.repeat, progress,
-                               torch)
+        if run_cpu:
+            cases = run_benchmarks(args.shapes, args.dtype, args.threads, args.repeat, progress,
+                                   torch)
+        if gpu_bench is not None:
+            gpu_cases = gpu_bench.run_gpu_benchmarks(args.shapes, args.dtype, args.repeat,
+                                                     progress, gpu_torch)
     finally:
         progress.close()
         if saved_torch_threads is not None:
             torch.set_num_threads(saved_torch_threads)
     geomean = geometric_means(cases)
     env = _environment(args.threads, args.repeat, torch)
+    if args.device != "cpu":
+        from ._gpu import gpu_status
+        env["gpu"] = gpu_status()
 
     torch_note = (f"torch {env['torch']} ({args.threads} threads)" if torch is not None
                   else "torch not installed")
     print(f"cinstnorm bench: {args.threads} thread(s), best of {args.repeat}; "
           f"numpy {env['numpy']}, {torch_note}")
-    print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
-          "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for y), "
-          "backward allocates dx as the API does.\n")
-    print(format_table(cases, geomean))
+    if run_cpu:
+        print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
+              "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for "
+              "y), backward allocates dx as the API does.\n")
+        print(format_table(cases, geomean))
+    gpu_geomean = geometric_means(gpu_cases)
+    if gpu_bench is not None:
+        print(gpu_bench.legend(gpu_torch, torch))
+        print(gpu_bench.format_gpu_table(gpu_cases, gpu_geomean, gpu_bench.device_name()))
+        gpu_bench.warn_errors(gpu_cases)
+    elif gpu_skipped is not None:
+        print(f"GPU rows skipped: {gpu_skipped}")
     for c in cases:
         tol = 1e-3 if c["dtype"] == "float32" else 1e-9
         worst = max(c["max_abs_err"].values())
@@ -462,6 +496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"dx {c['max_abs_err']['dx']:.3g})", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "cases": cases, "geomean": geomean}, f, indent=2)
+            result = {"environment": env, "cases": cases, "geomean": geomean}
+            if args.device != "cpu":
+                result.update(gpu_cases=gpu_cases, gpu_geomean=gpu_geomean)
+            json.dump(result, f, indent=2)
             f.write("\n")
     return 0

@@ -11,6 +11,8 @@ import warnings
 
 import numpy as np
 
+from ._gpu import is_gpu_array
+
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -36,7 +38,8 @@ def to_numpy(value, what: str = "input") -> np.ndarray:
         return value
     if hasattr(value, "__cuda_array_interface__"):
         raise TypeError(
-            f"{what} is a GPU array; this cinstnorm call runs on the CPU and takes NumPy arrays"
+            f"{what} is a GPU array of type {type(value).__name__}: cinstnorm runs GPU calls on "
+            f"CuPy arrays (wrap it with cupy.asarray, which shares the memory)"
         )
     if hasattr(value, "__dlpack__"):
         if hasattr(value, "detach"):  # a torch tensor that may require grad
@@ -48,8 +51,32 @@ def to_numpy(value, what: str = "input") -> np.ndarray:
     return np.asarray(value)
 
 
-def as_input(x, what: str = "input") -> np.ndarray:
-    """x as an ndarray of a supported floating dtype (no copy when it already is one)."""
+def device_name(a) -> str:
+    """'cuda:N' for a CuPy array on device N, else 'cpu'."""
+    return f"cuda:{a.device.id}" if is_gpu_array(a) else "cpu"
+
+
+def check_device(a, x, name: str, what: str = "the input") -> None:
+    """An array argument must live where x does (no silent transfers between host and device).
+
+    Lists, scalars and other non-array values are not checked: they are converted to x's kind.
+    """
+    if a is None or not (isinstance(a, np.ndarray) or is_gpu_array(a)):
+        return
+    here, there = device_name(a), device_name(x)
+    if here != there:
+        raise TypeError(
+            f"{name} is on {here} but {what} is on {there}: every array of a call must be on "
+            f"one device (move it with cupy.asarray(a) or a.get())"
+        )
+
+
+def as_input(x, what: str = "input"):
+    """x as an ndarray (NumPy, or CuPy for a GPU call) of a supported floating dtype (no copy
+    when it already is one)."""
+    if is_gpu_array(x):  # CuPy arrays are always in native byte order
+        check_float_dtype(x.dtype, what)
+        return x
     if not isinstance(x, np.ndarray):
         x = to_numpy(x, what)
     check_float_dtype(x.dtype, what)
@@ -107,7 +134,7 @@ def check_per_channel(arr, C: int, name: str, N: int | None = None):
     """A (C,) parameter or buffer as an ndarray; (N, C) too when N is given (per sample)."""
     if arr is None:
         return None
-    a = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+    a = arr if isinstance(arr, np.ndarray) or is_gpu_array(arr) else np.asarray(arr)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} dtype {a.dtype} is not supported: use a real floating dtype")
     ok = a.shape == (C,) or (N is not None and a.shape == (N, C))
@@ -122,9 +149,9 @@ def check_per_channel(arr, C: int, name: str, N: int | None = None):
 
 def check_buffer(buf, C: int, name: str) -> np.ndarray:
     """A running-statistics buffer that is updated in place: writable float (C,) ndarray."""
-    if not isinstance(buf, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
-                        f"got {type(buf).__name__}")
+    if not (isinstance(buf, np.ndarray) or is_gpu_array(buf)):
+        raise TypeError(f"{name} must be a NumPy (or, for GPU input, CuPy) array: it is "
+                        f"updated in place; got {type(buf).__name__}")
     check_float_dtype(buf.dtype, name)
     if buf.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match the input's C = {C} channels, "
@@ -133,7 +160,7 @@ def check_buffer(buf, C: int, name: str) -> np.ndarray:
 
 
 def check_writable_buffer(buf: np.ndarray, name: str) -> None:
-    if not buf.flags.writeable:
+    if not getattr(buf.flags, "writeable", True):  # CuPy arrays are always writable
         raise ValueError(f"{name} is read-only but must be updated in place")
 
 
@@ -162,19 +189,27 @@ def check_running_buffers(running_mean, running_var, C: int, use_input_stats: bo
 def check_out(out, x: np.ndarray) -> None:
     if out is None:
         return
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if not (isinstance(out, np.ndarray) or is_gpu_array(out)):
+        raise TypeError(f"out must be a NumPy or CuPy array, got {type(out).__name__}")
+    check_device(out, x, "out")
     # byte order aside: a byte-swapped x was converted to native order, out stays as given
     if out.shape != x.shape or out.dtype.newbyteorder("=") != x.dtype.newbyteorder("="):
         raise ValueError(
             f"out must have the input's shape {x.shape} and dtype {x.dtype}, "
             f"got shape {out.shape} and dtype {out.dtype}"
         )
-    if not out.flags.writeable:
+    if not getattr(out.flags, "writeable", True):
         raise ValueError("out is read-only")
 
 
+def check_devices(x, **arrays) -> None:
+    """check_device for each keyword argument (name=array) against x."""
+    for name, a in arrays.items():
+        check_device(a, x, name)
+
+
 def check_same(a: np.ndarray, x: np.ndarray, name: str) -> None:
+    check_device(a, x, name)
     if a.shape != x.shape:
         raise ValueError(f"{name} must have the input's shape {x.shape}, got {a.shape}")
     if a.dtype != x.dtype:
@@ -183,7 +218,8 @@ def check_same(a: np.ndarray, x: np.ndarray, name: str) -> None:
 
 def check_stats(a, N: int, C: int, name: str) -> np.ndarray:
     """Saved statistics: (N, C), or (C,) for fixed (running) statistics shared by all samples."""
-    a = np.asarray(a)
+    if not is_gpu_array(a):
+        a = np.asarray(a)
     check_float_dtype(a.dtype, name)
     if a.shape not in ((N, C), (C,)):
         raise ValueError(f"{name} must have shape ({N}, {C}) (or ({C},)), got {a.shape}")

@@ -3,6 +3,10 @@
 Every public function validates all of its arguments first (``_validation``), then runs the
 compiled kernels (``_cpu``) on (P, L) = (N*C, spatial) views, and only then updates running
 statistics, so a call that raises leaves every argument as it was.
+
+CuPy input runs the same validation, then the CUDA kernels (``_gpu``); every array of such a
+call (parameters, buffers, ``out``, ``dy``) must be on the input's device, and the results
+(statistics and gradients too) are CuPy arrays there.
 """
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import _cpu
+from . import _cpu, _gpu
 from . import _validation as V
+from ._gpu import is_gpu_array
 from ._config import resolve_threads
 
 __all__ = ["instance_norm", "instance_norm_forward", "instance_norm_backward", "adain",
@@ -121,8 +126,19 @@ def _empty_like_input(x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
     return out if out is not None else np.empty_like(x, order="K", subok=False)
 
 
+def _gpu_deliver(y, out):
+    """A GPU result, copied into ``out`` when one is given (the kernels allocate their output)."""
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
 def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     """Normalize with instance statistics; returns y and float64 (P,) mean, var, rstd."""
+    if is_gpu_array(x):
+        y, mean, var, rstd = _gpu.forward(x, weight, bias, eps)
+        return _gpu_deliver(y, out), mean, var, rstd
     N, C = x.shape[:2]
     P = N * C
     if x.size == 0:  # undefined statistics, without allocating N*C of them (N*C may be huge)
@@ -143,11 +159,18 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
 
 def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=None):
     """Normalize with given (running) statistics of shape (C,) or (N, C)."""
+    if is_gpu_array(x):
+        return _gpu_deliver(_gpu.forward_fixed(x, mean, var, weight, bias, eps), out)
     return _apply(x, mean, 1.0 / np.sqrt(_flat64(var) + eps), weight, bias, n_threads, out)
 
 
 def _apply(x, mean, scale, weight, bias, n_threads: int, out=None):
     """y = (x - mean) * scale * weight + bias, every argument (C,), (N, C), (P,) or None."""
+    if is_gpu_array(x):  # the fixed-statistics kernel with rstd = 1/sqrt(0 + 1) = 1
+        C = x.shape[1]
+        w = scale if weight is None else weight.reshape(-1, C) * scale.reshape(-1, C)
+        zero = _gpu.require_cupy().zeros(C)
+        return _gpu_deliver(_gpu.forward_fixed(x, mean, zero, w, bias, 1.0), out)
     if x.size == 0:
         return _empty_like_input(x, out)
     N, C = x.shape[:2]
@@ -166,6 +189,9 @@ def _apply(x, mean, scale, weight, bias, n_threads: int, out=None):
 
 def _plane_stats(x, n_threads: int):
     """float64 (P,) mean and biased variance of every plane (NaN for empty planes)."""
+    if is_gpu_array(x):  # no statistics-only kernel on the GPU: the forward's, y unused
+        _, mean, var, _ = _gpu.forward(x)
+        return mean, var
     P = x.shape[0] * x.shape[1]
     mean, var = np.empty((2, P))
     if x.size == 0:
@@ -179,6 +205,9 @@ def _plane_stats(x, n_threads: int):
 def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None):
     """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat); mean_p, rstd_p: (N, C), (P,) or
     (C,)."""
+    if is_gpu_array(x):
+        dx, sum_dy, sum_dy_xhat = _gpu.backward(dy, x, mean_p, rstd_p, weight, use_input_stats)
+        return _gpu_deliver(dx, out), sum_dy, sum_dy_xhat
     N, C = x.shape[:2]
     P = N * C
     if x.size == 0:
@@ -263,6 +292,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     eps = V.check_eps(eps)
     momentum = V.check_momentum(momentum)
     N, C = x.shape[:2]
+    V.check_devices(x, weight=weight, bias=bias, running_mean=running_mean,
+                    running_var=running_var)
     weight = V.check_per_channel(weight, C, "weight")
     bias = V.check_per_channel(bias, C, "bias")
     tracking = V.check_running_buffers(running_mean, running_var, C, use_input_stats, momentum)
@@ -315,6 +346,7 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     V.check_batched(x)
     eps = V.check_eps(eps)
     N, C = x.shape[:2]
+    V.check_devices(x, weight=weight, bias=bias)
     weight = V.check_per_channel(weight, C, "weight", N)
     bias = V.check_per_channel(bias, C, "bias", N)
     V.check_spatial(x.shape, True)
@@ -323,7 +355,8 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     y, mean_p, _, rstd_p = _forward(x, weight, bias, eps, nt, out)
     cdt = V.compute_dtype(x.dtype)
     if x.size == 0:  # read-only NaN views: N*C may be too large to allocate
-        nan = np.broadcast_to(np.array(np.nan, cdt), (N, C))
+        xp = _gpu.require_cupy() if is_gpu_array(x) else np
+        nan = xp.broadcast_to(xp.asarray(np.nan, dtype=cdt), (N, C))
         return y, nan, nan
     return y, mean_p.reshape(N, C).astype(cdt), rstd_p.reshape(N, C).astype(cdt)
 
@@ -375,6 +408,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     V.check_batched(x, "x")
     V.check_same(dy, x, "dy")
     N, C = x.shape[:2]
+    V.check_devices(x, mean=mean, rstd=rstd, weight=weight)
     mean = V.check_stats(mean, N, C, "mean")
     rstd = V.check_stats(rstd, N, C, "rstd")
     weight = V.check_per_channel(weight, C, "weight", N)
@@ -396,6 +430,7 @@ def _check_adain(content, style, eps):
     s = V.as_input(style, "style")
     V.check_batched(c, "content")
     V.check_batched(s, "style")
+    V.check_device(s, c, "style", "content")
     if s.shape[:2] != c.shape[:2]:
         raise ValueError(f"style must have content's (N, C) = {c.shape[:2]}, got {s.shape[:2]}")
     if s.dtype != c.dtype:

@@ -7,6 +7,11 @@ Thread safety: calls on *different* module objects may run concurrently from sev
 threads (the kernels release the GIL). A single module object is not thread-safe for training:
 ``forward`` updates running statistics and saves tensors for ``backward``; guard it with a lock
 or give each thread its own module.
+
+Device: a module built with ``device="cuda"`` (or moved with ``.to("cuda")``) keeps its
+parameters and buffers as CuPy arrays on that device and runs CuPy input there; the running
+statistics are updated on the device.  A module holding arrays on one device refuses input
+from the other with a TypeError (a module without parameters or buffers takes either).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _gpu
 from . import _validation as V
 from .functional import _backward, _forward, _forward_fixed, _running_update
 from ._config import resolve_threads
@@ -34,10 +40,37 @@ class StateDictShapeError(ValueError, RuntimeError):
 
 
 def _as_host_array(value) -> np.ndarray:
-    """A state_dict value as an ndarray: NumPy, lists, torch tensors (moved to the CPU)."""
+    """A state_dict value as an ndarray: NumPy, CuPy (copied to the host), lists, torch tensors
+    (moved to the CPU)."""
+    if _gpu.is_gpu_array(value):
+        return value.get()
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, maybe on a GPU
         value = value.detach().cpu()
     return V.to_numpy(value, "state_dict value")
+
+
+def _parse_device(device):
+    """None/'cpu' -> None; 'cuda', 'cuda:N' (or a cupy.cuda.Device) -> the device id N."""
+    if device is None or device == "cpu":
+        return None
+    if hasattr(device, "id") and type(device).__name__ == "Device":  # cupy.cuda.Device
+        return int(device.id)
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        index = device[5:] or None
+        if index is None:
+            return int(_gpu.require_cupy().cuda.Device().id)
+        if index.isdigit():
+            return int(index)
+    raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _on_device(a, device_id):
+    """A host or device array on the module's device (None: the host); a view when it is."""
+    if device_id is None:
+        return _as_host_array(a)
+    cupy = _gpu.require_cupy()
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(a)
 
 
 class _InstanceNorm:
@@ -51,8 +84,7 @@ class _InstanceNorm:
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 0:
             raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
-        if device not in (None, "cpu"):
-            raise ValueError(f"device {device!r} is not supported by this build: use None or 'cpu'")
+        device_id = _parse_device(device)
         self.num_features = int(num_features)
         self.eps = V.check_eps(eps)
         self.momentum = V.check_momentum(momentum)
@@ -74,6 +106,61 @@ class _InstanceNorm:
         self.bias_grad = None
         self.training = True
         self._saved = None
+        self._device_id = None
+        if device_id is not None:
+            self.to(device)
+
+    # ---- device -------------------------------------------------------------------------------
+
+    _ARRAYS = ("weight", "bias", "running_mean", "running_var", "weight_grad", "bias_grad")
+
+    @property
+    def device(self) -> str:
+        """Where the parameters and buffers live: ``'cpu'`` or ``'cuda:N'``."""
+        return "cpu" if self._device_id is None else f"cuda:{self._device_id}"
+
+    def to(self, device):
+        """Move parameters, buffers and accumulated gradients to ``device`` ('cpu', 'cuda',
+        'cuda:N'); returns self.  Moving to another device forgets the saved forward (call
+        forward again before backward).  All or nothing: a failed move changes nothing.
+
+        Examples
+        --------
+        >>> import cinstnorm as cin
+        >>> cin.InstanceNorm2d(3, affine=True).to("cpu").device
+        'cpu'
+        """
+        device_id = _parse_device(device)
+        moved = {k: _on_device(getattr(self, k), device_id) for k in self._ARRAYS
+                 if getattr(self, k) is not None}
+        for k, v in moved.items():
+            setattr(self, k, v)
+        if device_id != self._device_id:
+            self._saved = None
+        self._device_id = device_id
+        return self
+
+    def cpu(self):
+        """``self.to("cpu")``."""
+        return self.to("cpu")
+
+    def cuda(self, device: Optional[int] = None):
+        """``self.to("cuda")`` (or ``"cuda:N"``)."""
+        return self.to("cuda" if device is None else f"cuda:{int(device)}")
+
+    def _has_arrays(self) -> bool:
+        return self.weight is not None or self.bias is not None or self.track_running_stats
+
+    def _check_input_device(self, x, what: str = "input") -> None:
+        if not self._has_arrays():
+            return
+        where = V.device_name(x)
+        if where != self.device:
+            fix = "module.to('cuda')" if where != "cpu" else "module.to('cpu')"
+            raise TypeError(
+                f"{what} is on {where} but this {type(self).__name__}'s parameters and buffers "
+                f"are on {self.device}: move the module ({fix}) or the {what}"
+            )
 
     # ---- mode and parameters --------------------------------------------------------------
 
@@ -120,6 +207,7 @@ class _InstanceNorm:
         those are used and nothing is updated.
         """
         x = V.as_input(x)
+        self._check_input_device(x)
         V.check_module_input(x, self._dims, self.num_features, self.affine,
                              self.track_running_stats)
         V.check_module_dtype(x.dtype, self.dtype)
@@ -136,7 +224,7 @@ class _InstanceNorm:
             rm = self.running_mean.astype(np.float64)
             rv = self.running_var.astype(np.float64)
             y = _forward_fixed(xb, rm, rv, self.weight, self.bias, self.eps, nt)
-            self._saved = (xb, rm, 1.0 / np.sqrt(rv + self.eps), False)
+            self._saved = (xb, rm, 1.0 / (rv + self.eps) ** 0.5, False)
         return y[0] if x.ndim == self._dims[0] else y
 
     __call__ = forward
@@ -158,6 +246,7 @@ class _InstanceNorm:
             raise RuntimeError("backward called before forward")
         xb, mean_p, rstd_p, use_input_stats = self._saved
         dy = V.as_input(dy, "dy")
+        V.check_device(dy, xb, "dy", "the last forward's input")
         unbatched = dy.ndim == self._dims[0]
         dyb = dy[np.newaxis] if unbatched else dy
         V.check_same(dyb, xb, "dy" + (" (unbatched)" if unbatched else ""))
@@ -190,6 +279,9 @@ class _InstanceNorm:
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Copies of weight, bias, running_mean, running_var, num_batches_tracked (torch's keys).
 
+        Arrays are on the module's device (CuPy arrays for a GPU module); num_batches_tracked
+        is a 0-d int64 NumPy array either way.
+
         Examples
         --------
         >>> import cinstnorm as cin
@@ -202,7 +294,8 @@ class _InstanceNorm:
         return d
 
     def load_state_dict(self, state_dict, strict: bool = True) -> None:
-        """Load weight/bias/running statistics (NumPy arrays, lists or torch tensors).
+        """Load weight/bias/running statistics (NumPy or CuPy arrays, lists, torch tensors);
+        values are copied to the module's device.
 
         All or nothing: every value is checked before anything is written. With ``strict``,
         missing or unexpected keys raise :class:`StateDictKeyError` (a KeyError and a
@@ -222,7 +315,9 @@ class _InstanceNorm:
         for k, dest in targets.items():
             if k not in state_dict:
                 continue
-            v = _as_host_array(state_dict[k])
+            v = state_dict[k]
+            if not _gpu.is_gpu_array(v):
+                v = _as_host_array(v)
             if v.shape != dest.shape:
                 raise StateDictShapeError(
                     f"size mismatch for {k}: copying a param with shape {v.shape} from "
@@ -231,6 +326,10 @@ class _InstanceNorm:
             if v.dtype.kind not in "fiu":
                 raise TypeError(f"{k}: dtype {v.dtype} cannot be loaded into {dest.dtype}")
             staged[k] = v
+        if self._device_id is not None:  # upload (and check the transfer) before writing
+            staged = {k: _on_device(v, self._device_id) for k, v in staged.items()}
+        else:
+            staged = {k: _as_host_array(v) for k, v in staged.items()}
         count = None
         if self.track_running_stats and "num_batches_tracked" in state_dict:
             c = _as_host_array(state_dict["num_batches_tracked"])
@@ -286,8 +385,11 @@ class _InstanceNorm:
                  track_running_stats=self.track_running_stats,
                  bias=not self.affine or self.bias is not None,
                  dtype=getattr(torch, self.dtype.name))
-        with torch.no_grad():
-            tm.load_state_dict({k: torch.from_dlpack(np.ascontiguousarray(v))
+        if self._device_id is not None:
+            tm = tm.to(f"cuda:{self._device_id}")
+        with torch.no_grad():  # DLPack: host arrays to CPU tensors, CuPy arrays to CUDA ones
+            tm.load_state_dict({k: torch.from_dlpack(v if _gpu.is_gpu_array(v)
+                                                     else np.ascontiguousarray(v))
                                 for k, v in self.state_dict().items()})
         return tm.train(self.training)
 
@@ -315,7 +417,8 @@ class InstanceNorm1d(_InstanceNorm):
         Learnable per-channel weight (ones) and bias (zeros).
     track_running_stats : bool
         Keep running mean/variance, used in eval mode.
-    device : None or "cpu"
+    device : None, "cpu", "cuda" or "cuda:N"
+        Where parameters and buffers live ("cuda": CuPy arrays on that GPU).
     dtype : float32 (default) or float64
     bias : bool, keyword only
         With ``affine``, False leaves out the bias (scale only).

@@ -54,25 +54,28 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                            double k, double a, double b, double c, int stream)
     void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a, int stream)
     void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a, int stream)
-    void cin_cl_stats_f(const float *x, Py_ssize_t rows, Py_ssize_t C, float *s1, float *s2,
-                        float *k, double *mean, double *m2)
-    void cin_cl_stats_d(const double *x, Py_ssize_t rows, Py_ssize_t C, double *s1, double *s2,
-                        double *k, double *mean, double *m2)
-    void cin_cl_normalize_f(const float *x, float *y, Py_ssize_t rows, Py_ssize_t C,
-                            const float *k, const float *a, const float *b)
-    void cin_cl_normalize_d(const double *x, double *y, Py_ssize_t rows, Py_ssize_t C,
-                            const double *k, const double *a, const double *b)
-    void cin_cl_backward_sums_f(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t C,
-                                const float *k, float *s1, float *s2, double *sdy, double *sdyx)
-    void cin_cl_backward_sums_d(const double *dy, const double *x, Py_ssize_t rows,
-                                Py_ssize_t C, const double *k, double *s1, double *s2,
+    void cin_cl_stats_f(const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
+                        float *s1, float *s2, float *k, double *mean, double *m2)
+    void cin_cl_stats_d(const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
+                        double *s1, double *s2, double *k, double *mean, double *m2)
+    void cin_cl_normalize_f(const float *x, float *y, Py_ssize_t rows, Py_ssize_t w,
+                            Py_ssize_t ld, const float *k, const float *a, const float *b,
+                            int stream)
+    void cin_cl_normalize_d(const double *x, double *y, Py_ssize_t rows, Py_ssize_t w,
+                            Py_ssize_t ld, const double *k, const double *a, const double *b,
+                            int stream)
+    void cin_cl_backward_sums_f(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t w,
+                                Py_ssize_t ld, const float *k, float *s1, float *s2,
                                 double *sdy, double *sdyx)
+    void cin_cl_backward_sums_d(const double *dy, const double *x, Py_ssize_t rows,
+                                Py_ssize_t w, Py_ssize_t ld, const double *k, double *s1,
+                                double *s2, double *sdy, double *sdyx)
     void cin_cl_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t rows,
-                              Py_ssize_t C, const float *k, const float *a, const float *b,
-                              const float *cc)
+                              Py_ssize_t w, Py_ssize_t ld, const float *k, const float *a,
+                              const float *b, const float *cc, int stream)
     void cin_cl_backward_dx_d(const double *dy, const double *x, double *dx, Py_ssize_t rows,
-                              Py_ssize_t C, const double *k, const double *a, const double *b,
-                              const double *cc)
+                              Py_ssize_t w, Py_ssize_t ld, const double *k, const double *a,
+                              const double *b, const double *cc, int stream)
 
 cdef extern from *:
     """
@@ -388,20 +391,29 @@ cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
     return 0
 
 # ---- channels-last drivers: x is (N, L, C) C-contiguous, i.e. (N, *spatial, C) memory ----------
-# Work items are (sample, block of rows); each item computes per-channel partial results for
-# all C channels with loops vectorised over c, a per-(n, c) merge follows, then a third loop
-# over the same items (same static schedule) finishes them.
+# Statistics need every row of a sample before any of its elements can be normalized, so the
+# channels-last passes read each sample twice.  Work items are (sample, block of rows) over
+# whole (super-)rows; each computes per-channel partial results with loops vectorised over
+# channels, a per-(n, c) merge follows, then a third loop over the same items (same static
+# schedule) finishes them.  Samples go in groups of half the LLC, so that the second read finds
+# them there.  (Walking one sample's tile of channels down all its rows instead, to reuse the
+# tile from L2, measured 2 to 7x slower: a stride of C elements defeats the prefetchers and the
+# TLB.)
 
-cdef Py_ssize_t _cl_chunks(Py_ssize_t N, Py_ssize_t L, Py_ssize_t C, Py_ssize_t itemsize,
-                           int n_threads) noexcept nogil:
-    """Row blocks per sample: about CHUNK_BYTES each, and at least n_threads items in all."""
-    cdef Py_ssize_t rows = CHUNK_BYTES // (C * itemsize)
-    cdef Py_ssize_t k
-    if rows < 1:
-        rows = 1
-    k = (L + rows - 1) // rows
-    if N * k < n_threads:
-        k = (n_threads + N - 1) // N
+cdef enum:
+    # Coefficient arrays hold RC + CL_PAD lanes, periodic in C, so that the streaming-store
+    # loops can read a whole vector (up to 16 lanes) at any lane offset below RC.
+    CL_PAD = 16
+    CL_ITEMS_PER_THREAD = 2
+    # Samples (all arrays read) up to this size go whole to one thread (half a typical L2).
+    CL_FUSE_BYTES = 256 * 1024
+
+
+cdef Py_ssize_t _cl_chunks(Py_ssize_t N, Py_ssize_t L, int n_threads) noexcept nogil:
+    """Row blocks per sample for groups of N samples: as few as give every thread
+    CL_ITEMS_PER_THREAD items (each block costs a Chan merge per channel, and the items are
+    equal, so a static schedule balances them)."""
+    cdef Py_ssize_t k = (CL_ITEMS_PER_THREAD * n_threads + N - 1) // N
     if k > L:
         k = L
     return k if k > 1 else 1
@@ -411,39 +423,42 @@ cdef inline Py_ssize_t _row_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) noex
     return L if j >= k else (L * j) // k
 
 
-cdef inline void _cl_stats(const floating *x, Py_ssize_t rows, Py_ssize_t C, floating *s1,
-                           floating *s2, floating *k, double *mean, double *m2) noexcept nogil:
+cdef inline void _cl_stats(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
+                           floating *s1, floating *s2, floating *k, double *mean,
+                           double *m2) noexcept nogil:
     if floating is float:
-        cin_cl_stats_f(x, rows, C, s1, s2, k, mean, m2)
+        cin_cl_stats_f(x, rows, w, ld, s1, s2, k, mean, m2)
     else:
-        cin_cl_stats_d(x, rows, C, s1, s2, k, mean, m2)
+        cin_cl_stats_d(x, rows, w, ld, s1, s2, k, mean, m2)
 
 
-cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t C,
-                               const floating *k, const floating *a,
-                               const floating *b) noexcept nogil:
+cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t w,
+                               Py_ssize_t ld, const floating *k, const floating *a,
+                               const floating *b, int stream) noexcept nogil:
     if floating is float:
-        cin_cl_normalize_f(x, y, rows, C, k, a, b)
+        cin_cl_normalize_f(x, y, rows, w, ld, k, a, b, stream)
     else:
-        cin_cl_normalize_d(x, y, rows, C, k, a, b)
+        cin_cl_normalize_d(x, y, rows, w, ld, k, a, b, stream)
 
 
 cdef inline void _cl_bwd_sums(const floating *dy, const floating *x, Py_ssize_t rows,
-                              Py_ssize_t C, const floating *k, floating *s1, floating *s2,
-                              double *sdy, double *sdyx) noexcept nogil:
+                              Py_ssize_t w, Py_ssize_t ld, const floating *k, floating *s1,
+                              floating *s2, double *sdy, double *sdyx) noexcept nogil:
     if floating is float:
-        cin_cl_backward_sums_f(dy, x, rows, C, k, s1, s2, sdy, sdyx)
+        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx)
     else:
-        cin_cl_backward_sums_d(dy, x, rows, C, k, s1, s2, sdy, sdyx)
+        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx)
 
 
 cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                            Py_ssize_t C, const floating *k, const floating *a, const floating *b,
-                            const floating *cc) noexcept nogil:
+                            Py_ssize_t w, Py_ssize_t ld, const floating *k, const floating *a,
+                            const floating *b, const floating *cc, int stream) noexcept nogil:
+    """dx from the gradient coefficients; with use_input_stats off (b = cc = 0) call it with
+    x = dy and k = cc = 0 (see the callers), so that x (an Inf, a NaN) cannot leak in."""
     if floating is float:
-        cin_cl_backward_dx_f(dy, x, dx, rows, C, k, a, b, cc)
+        cin_cl_backward_dx_f(dy, x, dx, rows, w, ld, k, a, b, cc, stream)
     else:
-        cin_cl_backward_dx_d(dy, x, dx, rows, C, k, a, b, cc)
+        cin_cl_backward_dx_d(dy, x, dx, rows, w, ld, k, a, b, cc, stream)
 
 
 cdef Py_ssize_t _samples_per_group(Py_ssize_t sample_bytes, Py_ssize_t N) noexcept nogil:
@@ -470,6 +485,70 @@ cdef inline Py_ssize_t _item_rows(Py_ssize_t L, Py_ssize_t k, Py_ssize_t i) noex
     return _row_start(L, k, i % k + 1) - _row_start(L, k, i % k)
 
 
+cdef inline void _set_lanes(floating *row, Py_ssize_t c, Py_ssize_t C, Py_ssize_t RC,
+                            floating v) noexcept nogil:
+    """A coefficient of channel c in every lane of a (super-)row of coefficients, padding
+    included."""
+    cdef Py_ssize_t lane = c
+    while lane < RC + CL_PAD:
+        row[lane] = v
+        lane += C
+
+
+cdef inline void _cl_channel_stats(const double *pm, const double *pm2, Py_ssize_t stride,
+                                   Py_ssize_t k, Py_ssize_t L, Py_ssize_t R, Py_ssize_t C,
+                                   Py_ssize_t c, double *mean, double *m2) noexcept nogil:
+    """Channel c's mean and M2 from the partial statistics of one sample's k row blocks (item j
+    at pm + j * stride: R super-row lanes of each channel, then the leftover rows')."""
+    cdef double cnt = 0.0
+    cdef Py_ssize_t j, r, full, rem
+    mean[0] = 0.0
+    m2[0] = 0.0
+    for j in range(k):
+        full = _item_rows(L, k, j) // R
+        rem = _item_rows(L, k, j) % R
+        for r in range(R):
+            cin_chan_merge(&cnt, mean, m2, <double>full, pm[j * stride + r * C + c],
+                           pm2[j * stride + r * C + c])
+        cin_chan_merge(&cnt, mean, m2, <double>rem, pm[j * stride + R * C + c],
+                       pm2[j * stride + R * C + c])
+
+
+cdef inline void _cl_channel_sums(const double *pg, const double *px, Py_ssize_t stride,
+                                  Py_ssize_t k, Py_ssize_t R, Py_ssize_t C, Py_ssize_t c,
+                                  double *sg, double *sx) noexcept nogil:
+    """Channel c's backward sums from the partial sums of one sample's k row blocks."""
+    cdef Py_ssize_t j, r
+    sg[0] = 0.0
+    sx[0] = 0.0
+    for j in range(k):
+        for r in range(R + 1):
+            sg[0] += pg[j * stride + r * C + c]
+            sx[0] += px[j * stride + r * C + c]
+
+
+class _ClPlan:
+    """The work split of one channels-last call (see the comment above) over `arrays` input
+    arrays, and its scratch."""
+
+    def __init__(self, Py_ssize_t N, Py_ssize_t L, Py_ssize_t C, Py_ssize_t itemsize,
+                 Py_ssize_t arrays, int n_threads, dt):
+        self.n_threads = _team_size(N * L * C, n_threads)
+        self.stream = _use_streaming_stores(N * L * C * itemsize)
+        # fused: samples small enough to stay in L2 between their two reads, and enough of them
+        # to share out whole
+        self.fused = arrays * L * C * itemsize <= CL_FUSE_BYTES and N >= 2 * self.n_threads
+        # samples per group first: every group must feed every thread
+        self.G = N if self.fused else _samples_per_group(arrays * L * C * itemsize, N)
+        self.k = 1 if self.fused else _cl_chunks(self.G, L, self.n_threads)
+        self.R = _cl_replicas(C)
+        RC = self.R * C
+        self.scratch = np.empty((N * self.k, 3, RC), dtype=dt)
+        self.coef = np.empty((4, N, RC + CL_PAD), dtype=dt)
+        # partial results per item: RC virtual channels, then C for the leftover rows
+        self.part = np.empty((2, N * self.k, RC + C), dtype=np.float64)
+
+
 cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                           floating[:, :, ::1] y,        # OUT (N, L, C), may be x itself
                           const double[::1] weight,     # IN  (P,), (C,) or empty
@@ -481,22 +560,42 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                           bint use_input_stats,         # False: mean/var given (eval)
                           int n_threads) except -1:
     """Channels-last forward: statistics (unless given) then normalization."""
-    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
-    n_threads = _team_size(N * L * C, n_threads)
-    cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
-    cdef Py_ssize_t R = _cl_replicas(C), RC = R * C
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], g0, k, R, G
     dt = np.float32 if floating is float else np.float64
-    cdef floating[:, :, ::1] scratch = np.empty((N * k, 3, RC), dtype=dt)
-    cdef floating[:, :, ::1] coef = np.empty((3, N, RC), dtype=dt)
-    # partial statistics per item: RC virtual channels, then C for the leftover rows
-    cdef double[:, ::1] pmean = np.empty((N * k, RC + C), dtype=np.float64)
-    cdef double[:, ::1] pm2 = np.empty((N * k, RC + C), dtype=np.float64)
-    cdef Py_ssize_t G = _samples_per_group(L * C * sizeof(floating), N), g0, g1
+    plan = _ClPlan(N, L, C, sizeof(floating), 1, n_threads, dt)
+    cdef floating[:, :, ::1] scratch = plan.scratch, coef = plan.coef
+    cdef double[:, :, ::1] part = plan.part
+    cdef int team = plan.n_threads, stream = plan.stream
+    cdef bint fused = plan.fused
+    k, R, G = plan.k, plan.R, plan.G
     for g0 in range(0, N, G):
-        g1 = min(N, g0 + G)
-        _forward_cl_group(x, y, weight, bias, eps, mean, var, rstd, use_input_stats, n_threads,
-                          g0, g1, k, R, scratch, coef, pmean, pm2)
+        _forward_cl_group(x, y, weight, bias, eps, mean, var, rstd, use_input_stats, team, g0,
+                          min(N, g0 + G), k, R, scratch, coef, part, stream, fused)
     return 0
+
+
+cdef inline void _cl_item_stats(const floating *x0, Py_ssize_t full, Py_ssize_t rem,
+                                Py_ssize_t R, Py_ssize_t C, floating *scr, double *pm,
+                                double *pm2) noexcept nogil:
+    """Partial statistics of one item: `full` super-rows of R*C lanes from x0, then `rem` rows
+    of C lanes, into pm/pm2 (RC lanes, then C).  scr: 3 * RC elements of scratch."""
+    cdef Py_ssize_t RC = R * C
+    if full > 0:
+        _cl_stats(x0, full, RC, RC, scr, scr + RC, scr + 2 * RC, pm, pm2)
+    if rem > 0:
+        _cl_stats(x0 + full * RC, rem, C, C, scr, scr + RC, scr + 2 * RC, pm + RC, pm2 + RC)
+
+
+cdef inline void _cl_item_normalize(const floating *x0, floating *y0, Py_ssize_t full,
+                                    Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C,
+                                    const floating *row, Py_ssize_t t, int stream) noexcept nogil:
+    """Normalize one item with its sample's coefficient rows (k at row, a at row + t, beta at
+    row + 2 t)."""
+    cdef Py_ssize_t RC = R * C
+    if full > 0:
+        _cl_normalize(x0, y0, full, RC, RC, row, row + t, row + 2 * t, stream)
+    if rem > 0:
+        _cl_normalize(x0 + full * RC, y0 + full * RC, rem, C, C, row, row + t, row + 2 * t, 0)
 
 
 cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -504,68 +603,65 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                            double[::1] mean, double[::1] var, double[::1] rstd,
                            bint use_input_stats, int n_threads, Py_ssize_t g0, Py_ssize_t g1,
                            Py_ssize_t k, Py_ssize_t R, floating[:, :, ::1] scratch,
-                           floating[:, :, ::1] coef, double[:, ::1] pmean,
-                           double[:, ::1] pm2) except -1:
-    """Samples g0..g1-1 of the channels-last forward: their statistics, merge, normalize."""
+                           floating[:, :, ::1] coef, double[:, :, ::1] part, int stream,
+                           bint fused) except -1:
+    """Samples g0..g1-1 of the channels-last forward: their statistics, merge, normalize.
+    fused (k == 1): each thread takes whole samples through all three steps, no barrier."""
     cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
-    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
-    cdef double cnt, m, m2, a, bb
-    cdef floating kk
+    cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
+    cdef Py_ssize_t i, n, c, p, lo, full, rem
+    cdef double m, m2
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
-        if use_input_stats:
+        if fused:
+            for n in prange(g0, g1, schedule='static'):
+                full = L // R
+                rem = L % R
+                if use_input_stats:
+                    _cl_item_stats(&x[n, 0, 0], full, rem, R, C, &scratch[n, 0, 0],
+                                   &part[0, n, 0], &part[1, n, 0])
+                for c in range(C):
+                    p = n * C + c
+                    if use_input_stats:
+                        m = m2 = 0.0  # assigned here so that prange keeps them thread-private
+                        _cl_channel_stats(&part[0, n, 0], &part[1, n, 0], RC + C, 1, L, R, C, c,
+                                          &m, &m2)
+                        mean[p] = m
+                        var[p] = m2 / <double>L
+                        rstd[p] = 1.0 / sqrt(var[p] + eps)
+                    _cl_fwd_coefficients(&coef[0, n, 0], T, c, C, RC, mean[p], rstd[p],
+                                         _param(weight, p, 1.0), _param(bias, p, 0.0))
+                _cl_item_normalize(&x[n, 0, 0], &y[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
+                                   T, stream)
+        else:
+            if use_input_stats:
+                for i in prange(g0 * k, g1 * k, schedule='static'):
+                    # assigned here (not through pointers) so prange keeps them thread-private
+                    lo = _row_start(L, k, i % k)
+                    full = _item_rows(L, k, i) // R
+                    rem = _item_rows(L, k, i) % R
+                    _cl_item_stats(&x[i // k, lo, 0], full, rem, R, C, &scratch[i, 0, 0],
+                                   &part[0, i, 0], &part[1, i, 0])
+            cin_barrier()
+            for p in prange(g0 * C, g1 * C, schedule='static'):
+                n = p // C
+                if use_input_stats:
+                    m = m2 = 0.0  # assigned here so that prange keeps them thread-private
+                    _cl_channel_stats(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, L, R,
+                                      C, p % C, &m, &m2)
+                    mean[p] = m
+                    var[p] = m2 / <double>L
+                    rstd[p] = 1.0 / sqrt(var[p] + eps)
+                _cl_fwd_coefficients(&coef[0, n, 0], T, p % C, C, RC, mean[p], rstd[p],
+                                     _param(weight, p, 1.0), _param(bias, p, 0.0))
+            cin_barrier()
             for i in prange(g0 * k, g1 * k, schedule='static'):
                 n = i // k
-                # assigned here (not through pointers) so prange keeps them thread-private
                 lo = _row_start(L, k, i % k)
                 full = _item_rows(L, k, i) // R
                 rem = _item_rows(L, k, i) % R
-                if full > 0:
-                    _cl_stats(&x[n, lo, 0], full, RC, &scratch[i, 0, 0], &scratch[i, 1, 0],
-                              &scratch[i, 2, 0], &pmean[i, 0], &pm2[i, 0])
-                if rem > 0:
-                    _cl_stats(&x[n, lo + full * R, 0], rem, C, &scratch[i, 0, 0],
-                              &scratch[i, 1, 0], &scratch[i, 2, 0], &pmean[i, RC], &pm2[i, RC])
-        cin_barrier()
-        for p in prange(g0 * C, g1 * C, schedule='static'):
-            n = p // C
-            c = p % C
-            if use_input_stats:
-                cnt = 0.0
-                m = 0.0
-                m2 = 0.0
-                for j in range(n * k, n * k + k):
-                    # assigned here (not through pointers) so prange keeps them thread-private
-                    lo = _row_start(L, k, j % k)
-                    full = _item_rows(L, k, j) // R
-                    rem = _item_rows(L, k, j) % R
-                    for r in range(R):
-                        cin_chan_merge(&cnt, &m, &m2, <double>full, pmean[j, r * C + c],
-                                       pm2[j, r * C + c])
-                    cin_chan_merge(&cnt, &m, &m2, <double>rem, pmean[j, RC + c], pm2[j, RC + c])
-                mean[p] = m
-                var[p] = m2 / <double>L
-                rstd[p] = 1.0 / sqrt(var[p] + eps)
-            kk = <floating>mean[p]
-            a = rstd[p] * _param(weight, p, 1.0)
-            bb = _param(bias, p, 0.0) - (mean[p] - <double>kk) * a
-            for r in range(R):
-                coef[0, n, r * C + c] = kk
-                coef[1, n, r * C + c] = <floating>a
-                coef[2, n, r * C + c] = <floating>bb
-        cin_barrier()
-        for i in prange(g0 * k, g1 * k, schedule='static'):
-            n = i // k
-            # assigned here (not through pointers) so prange keeps them thread-private
-            lo = _row_start(L, k, i % k)
-            full = _item_rows(L, k, i) // R
-            rem = _item_rows(L, k, i) % R
-            if full > 0:
-                _cl_normalize(&x[n, lo, 0], &y[n, lo, 0], full, RC, &coef[0, n, 0],
-                              &coef[1, n, 0], &coef[2, n, 0])
-            if rem > 0:
-                _cl_normalize(&x[n, lo + full * R, 0], &y[n, lo + full * R, 0], rem, C,
-                              &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0])
+                _cl_item_normalize(&x[n, lo, 0], &y[n, lo, 0], full, rem, R, C, &coef[0, n, 0],
+                                   T, stream)
     return 0
 
 
@@ -580,21 +676,88 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
                            bint use_input_stats,
                            int n_threads) except -1:
     """Channels-last backward: per-channel sums, then dx."""
-    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
-    n_threads = _team_size(N * L * C, n_threads)
-    cdef Py_ssize_t k = _cl_chunks(N, L, C, sizeof(floating), n_threads)
-    cdef Py_ssize_t R = _cl_replicas(C), RC = R * C
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], g0, k, R, G
     dt = np.float32 if floating is float else np.float64
-    cdef floating[:, :, ::1] scratch = np.empty((N * k, 2, RC), dtype=dt)
-    cdef floating[:, :, ::1] coef = np.empty((4, N, RC), dtype=dt)
-    cdef double[:, ::1] pg = np.empty((N * k, RC + C), dtype=np.float64)
-    cdef double[:, ::1] px = np.empty((N * k, RC + C), dtype=np.float64)
-    cdef Py_ssize_t G = _samples_per_group(2 * L * C * sizeof(floating), N), g0, g1
+    plan = _ClPlan(N, L, C, sizeof(floating), 2, n_threads, dt)
+    cdef floating[:, :, ::1] scratch = plan.scratch, coef = plan.coef
+    cdef double[:, :, ::1] part = plan.part
+    cdef int team = plan.n_threads, stream = plan.stream
+    cdef bint fused = plan.fused
+    k, R, G = plan.k, plan.R, plan.G
     for g0 in range(0, N, G):
-        g1 = min(N, g0 + G)
         _backward_cl_group(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, use_input_stats,
-                           n_threads, g0, g1, k, R, scratch, coef, pg, px)
+                           team, g0, min(N, g0 + G), k, R, scratch, coef, part, stream, fused)
     return 0
+
+
+cdef inline void _cl_fwd_coefficients(floating *row, Py_ssize_t t, Py_ssize_t c, Py_ssize_t C,
+                                      Py_ssize_t RC, double mean, double rstd, double w,
+                                      double b) noexcept nogil:
+    """Plane (n, c)'s y = (x - k) * a + beta, k = mean rounded to the data type, into every
+    lane of channel c of sample n's coefficient rows: k at row (= &coef[0, n, 0]), a at
+    row + t, beta at row + 2 t."""
+    cdef floating k = <floating>mean
+    cdef double a = rstd * w
+    _set_lanes(row, c, C, RC, k)
+    _set_lanes(row + t, c, C, RC, <floating>a)
+    _set_lanes(row + 2 * t, c, C, RC, <floating>(b - (mean - <double>k) * a))
+
+
+cdef inline void _cl_bwd_channel(floating *row, Py_ssize_t t, Py_ssize_t c, Py_ssize_t C,
+                                 Py_ssize_t RC, Py_ssize_t L, double sg, double sx, double mu,
+                                 double rs, double w, bint use_input_stats, double *sdy,
+                                 double *sdyx) noexcept nogil:
+    """Plane (n, c) from its sums sg = sum(dy) and sx = sum(dy * (x - k)), k = row[c]
+    (row = &coef[0, n, 0]): sum(dy) and the centred sum(dy * xhat), and the coefficients of
+    dx = a * dy + b * (x - k) + cc into rows row + t, row + 2 t and row + 3 t."""
+    cdef double kd = <double>row[c], a = w * rs, b = 0.0, cc = 0.0
+    sx = sx + (kd - mu) * sg       # centred: sum(dy * (x - mean))
+    sdy[0] = sg
+    sdyx[0] = sx * rs
+    if use_input_stats:
+        b = -a * rs * rs * sx / <double>L
+        cc = -a * sg / <double>L + b * (kd - mu)
+    _set_lanes(row + t, c, C, RC, <floating>a)
+    _set_lanes(row + 2 * t, c, C, RC, <floating>b)
+    _set_lanes(row + 3 * t, c, C, RC, <floating>cc)
+
+
+cdef inline void _cl_item_sums(const floating *g0, const floating *x0, Py_ssize_t full,
+                               Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C, const floating *krow,
+                               floating *scr, double *pg, double *px) noexcept nogil:
+    """Partial backward sums of one item (layout of _cl_item_stats; k: the sample's shift
+    row); pg/px are zeroed first, so parts an item lacks add nothing."""
+    cdef Py_ssize_t RC = R * C, j
+    for j in range(RC + C):
+        pg[j] = 0.0
+        px[j] = 0.0
+    if full > 0:
+        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px)
+    if rem > 0:
+        _cl_bwd_sums(g0 + full * RC, x0 + full * RC, rem, C, C, krow, scr, scr + RC, pg + RC,
+                     px + RC)
+
+
+cdef inline void _cl_item_dx(const floating *g0, const floating *x0, floating *d0,
+                             Py_ssize_t full, Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C,
+                             const floating *row, Py_ssize_t t, bint use_input_stats,
+                             int stream) noexcept nogil:
+    """dx of one item from its sample's coefficient rows (k, a, b, cc at row + 0..3 t)."""
+    cdef Py_ssize_t RC = R * C
+    if not use_input_stats:
+        # dx = a * dy, written so that x and the mean (an Inf, a NaN) cannot leak in; b and cc
+        # are 0 here and serve as offset and shift
+        if full > 0:
+            _cl_normalize(g0, d0, full, RC, RC, row + 3 * t, row + t, row + 2 * t, stream)
+        if rem > 0:
+            _cl_normalize(g0 + full * RC, d0 + full * RC, rem, C, C, row + 3 * t, row + t,
+                          row + 2 * t, 0)
+        return
+    if full > 0:
+        _cl_bwd_dx(g0, x0, d0, full, RC, RC, row, row + t, row + 2 * t, row + 3 * t, stream)
+    if rem > 0:
+        _cl_bwd_dx(g0 + full * RC, x0 + full * RC, d0 + full * RC, rem, C, C, row, row + t,
+                   row + 2 * t, row + 3 * t, 0)
 
 
 cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -603,83 +766,62 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                             double[::1] sum_dy, double[::1] sum_dy_xhat, bint use_input_stats,
                             int n_threads, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t k,
                             Py_ssize_t R, floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
-                            double[:, ::1] pg, double[:, ::1] px) except -1:
-    """Samples g0..g1-1 of the channels-last backward: sums, merge, dx."""
+                            double[:, :, ::1] part, int stream, bint fused) except -1:
+    """Samples g0..g1-1 of the channels-last backward: sums, merge, dx.  fused (k == 1): each
+    thread takes whole samples through all the steps, no barrier."""
     cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
-    cdef Py_ssize_t i, j, n, c, p, r, lo, full, rem
-    cdef double sg, sx, mu, rs, a, b, cc, kd
+    cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
+    cdef Py_ssize_t i, n, c, p, lo, full, rem
+    cdef double sg, sx
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
-        for p in prange(g0 * C, g1 * C, schedule='static'):
-            for r in range(R):
-                coef[0, p // C, r * C + p % C] = <floating>_param(mean, p, 0.0)
-        cin_barrier()
-        for i in prange(g0 * k, g1 * k, schedule='static'):
-            n = i // k
-            # assigned here (not through pointers) so prange keeps them thread-private
-            lo = _row_start(L, k, i % k)
-            full = _item_rows(L, k, i) // R
-            rem = _item_rows(L, k, i) % R
-            for j in range(RC + C):
-                pg[i, j] = 0.0
-                px[i, j] = 0.0
-            if full > 0:
-                _cl_bwd_sums(&dy[n, lo, 0], &x[n, lo, 0], full, RC, &coef[0, n, 0],
-                             &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, 0], &px[i, 0])
-            if rem > 0:
-                _cl_bwd_sums(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0], rem, C,
-                             &coef[0, n, 0], &scratch[i, 0, 0], &scratch[i, 1, 0], &pg[i, RC],
-                             &px[i, RC])
-        cin_barrier()
-        for p in prange(g0 * C, g1 * C, schedule='static'):
-            n = p // C
-            c = p % C
-            sg = 0.0
-            sx = 0.0
-            for j in range(n * k, n * k + k):
-                for r in range(R + 1):
-                    sg = sg + pg[j, r * C + c]
-                    sx = sx + px[j, r * C + c]
-            mu = _param(mean, p, 0.0)
-            rs = _param(rstd, p, 1.0)
-            kd = <double>coef[0, n, c]
-            sx = sx + (kd - mu) * sg       # centred: sum(dy * (x - mean))
-            sum_dy[p] = sg
-            sum_dy_xhat[p] = sx * rs
-            a = _param(weight, p, 1.0) * rs
-            b = 0.0
-            cc = 0.0
-            if use_input_stats:
-                b = -a * rs * rs * sx / <double>L
-                cc = -a * sg / <double>L + b * (kd - mu)
-            for r in range(R):
-                coef[1, n, r * C + c] = <floating>a
-                coef[2, n, r * C + c] = <floating>b
-                coef[3, n, r * C + c] = <floating>cc
-        cin_barrier()
-        for i in prange(g0 * k, g1 * k, schedule='static'):
-            n = i // k
-            # assigned here (not through pointers) so prange keeps them thread-private
-            lo = _row_start(L, k, i % k)
-            full = _item_rows(L, k, i) // R
-            rem = _item_rows(L, k, i) % R
-            if not use_input_stats:
-                # dx = a * dy, written so that x and the mean (an Inf, a NaN) cannot leak in;
-                # coef[2] and coef[3] are 0 here and serve as shift and offset
-                if full > 0:
-                    _cl_normalize(&dy[n, lo, 0], &dx[n, lo, 0], full, RC, &coef[3, n, 0],
-                                  &coef[1, n, 0], &coef[2, n, 0])
-                if rem > 0:
-                    _cl_normalize(&dy[n, lo + full * R, 0], &dx[n, lo + full * R, 0], rem, C,
-                                  &coef[3, n, 0], &coef[1, n, 0], &coef[2, n, 0])
-            else:
-                if full > 0:
-                    _cl_bwd_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], full, RC,
-                               &coef[0, n, 0], &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
-                if rem > 0:
-                    _cl_bwd_dx(&dy[n, lo + full * R, 0], &x[n, lo + full * R, 0],
-                               &dx[n, lo + full * R, 0], rem, C, &coef[0, n, 0],
-                               &coef[1, n, 0], &coef[2, n, 0], &coef[3, n, 0])
+        if fused:
+            for n in prange(g0, g1, schedule='static'):
+                full = L // R
+                rem = L % R
+                for c in range(C):
+                    _set_lanes(&coef[0, n, 0], c, C, RC, <floating>_param(mean, n * C + c, 0.0))
+                _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
+                              &scratch[n, 0, 0], &part[0, n, 0], &part[1, n, 0])
+                for c in range(C):
+                    p = n * C + c
+                    sg = sx = 0.0  # assigned here so that prange keeps them thread-private
+                    _cl_channel_sums(&part[0, n, 0], &part[1, n, 0], RC + C, 1, R, C, c, &sg, &sx)
+                    _cl_bwd_channel(&coef[0, n, 0], T, c, C, RC, L, sg, sx, _param(mean, p, 0.0),
+                                    _param(rstd, p, 1.0), _param(weight, p, 1.0),
+                                    use_input_stats, &sum_dy[p], &sum_dy_xhat[p])
+                _cl_item_dx(&dy[n, 0, 0], &x[n, 0, 0], &dx[n, 0, 0], full, rem, R, C,
+                            &coef[0, n, 0], T, use_input_stats, stream)
+        else:
+            for p in prange(g0 * C, g1 * C, schedule='static'):
+                _set_lanes(&coef[0, p // C, 0], p % C, C, RC, <floating>_param(mean, p, 0.0))
+            cin_barrier()
+            for i in prange(g0 * k, g1 * k, schedule='static'):
+                n = i // k
+                # assigned here (not through pointers) so prange keeps them thread-private
+                lo = _row_start(L, k, i % k)
+                full = _item_rows(L, k, i) // R
+                rem = _item_rows(L, k, i) % R
+                _cl_item_sums(&dy[n, lo, 0], &x[n, lo, 0], full, rem, R, C, &coef[0, n, 0],
+                              &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0])
+            cin_barrier()
+            for p in prange(g0 * C, g1 * C, schedule='static'):
+                n = p // C
+                sg = sx = 0.0  # assigned here so that prange keeps them thread-private
+                _cl_channel_sums(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, R, C, p % C,
+                                 &sg, &sx)
+                _cl_bwd_channel(&coef[0, n, 0], T, p % C, C, RC, L, sg, sx,
+                                _param(mean, p, 0.0), _param(rstd, p, 1.0),
+                                _param(weight, p, 1.0), use_input_stats, &sum_dy[p],
+                                &sum_dy_xhat[p])
+            cin_barrier()
+            for i in prange(g0 * k, g1 * k, schedule='static'):
+                n = i // k
+                lo = _row_start(L, k, i % k)
+                full = _item_rows(L, k, i) // R
+                rem = _item_rows(L, k, i) % R
+                _cl_item_dx(&dy[n, lo, 0], &x[n, lo, 0], &dx[n, lo, 0], full, rem, R, C,
+                            &coef[0, n, 0], T, use_input_stats, stream)
     return 0
 
 

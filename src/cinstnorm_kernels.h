@@ -37,6 +37,9 @@
 #define CIN_BLOCK 1024
 /* Rows per statistics block in the channels-last kernels (each channel sums this many values). */
 #define CIN_CL_BLOCK 256
+/* Rows per block of the channels-last backward sums: each lane sums one product per row, so
+ * shorter runs than the statistics' keep the float32 error of sum(dy * (x - k)) small. */
+#define CIN_CL_BWD_BLOCK 64
 
 /* Merge a group (n_b, mean_b, m2_b) into the running (n, mean, m2): Chan's parallel formula. */
 static inline void cin_chan_merge(double *n, double *mean, double *m2,
@@ -112,13 +115,14 @@ static inline void cin_store_fence(void)
     void (*backward_sums_##S)(const T *, const T *, ptrdiff_t, T, double *, double *);          \
     void (*backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, int);             \
     void (*scale_##S)(const T *, T *, ptrdiff_t, T, int);                                     \
-    void (*cl_stats_##S)(const T *, ptrdiff_t, ptrdiff_t, T *, T *, T *, double *, double *);   \
-    void (*cl_normalize_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, const T *, const T *,        \
-                             const T *);                                                        \
-    void (*cl_backward_sums_##S)(const T *, const T *, ptrdiff_t, ptrdiff_t, const T *, T *,    \
-                                 T *, double *, double *);                                      \
-    void (*cl_backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, const T *,      \
-                               const T *, const T *, const T *);
+    void (*cl_stats_##S)(const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, T *, T *, T *, double *,   \
+                         double *);                                                             \
+    void (*cl_normalize_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *,        \
+                             const T *, const T *, int);                                        \
+    void (*cl_backward_sums_##S)(const T *, const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,         \
+                                 const T *, T *, T *, double *, double *);                      \
+    void (*cl_backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,      \
+                               const T *, const T *, const T *, const T *, int);
 
 typedef struct {
     const char *name;
@@ -200,20 +204,21 @@ static const char *cin_isa_name(void) { return cin_k->name; }
     { cin_k->backward_dx_##S(dy, x, dx, n, k, a, b, c, st); }                                   \
     static inline void cin_scale_##S(const T *dy, T *dx, ptrdiff_t n, T a, int st)              \
     { cin_k->scale_##S(dy, dx, n, a, st); }                                                     \
-    static inline void cin_cl_stats_##S(const T *x, ptrdiff_t rows, ptrdiff_t C, T *s1, T *s2,  \
-                                        T *k, double *mean, double *m2)                         \
-    { cin_k->cl_stats_##S(x, rows, C, s1, s2, k, mean, m2); }                                   \
-    static inline void cin_cl_normalize_##S(const T *x, T *y, ptrdiff_t rows, ptrdiff_t C,      \
-                                            const T *k, const T *a, const T *b)                 \
-    { cin_k->cl_normalize_##S(x, y, rows, C, k, a, b); }                                        \
+    static inline void cin_cl_stats_##S(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld,  \
+                                        T *s1, T *s2, T *k, double *mean, double *m2)           \
+    { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2); }                               \
+    static inline void cin_cl_normalize_##S(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,      \
+                                            ptrdiff_t ld, const T *k, const T *a, const T *b,   \
+                                            int st)                                             \
+    { cin_k->cl_normalize_##S(x, y, rows, w, ld, k, a, b, st); }                                \
     static inline void cin_cl_backward_sums_##S(const T *dy, const T *x, ptrdiff_t rows,        \
-                                                ptrdiff_t C, const T *k, T *s1, T *s2,          \
-                                                double *sdy, double *sdyx)                      \
-    { cin_k->cl_backward_sums_##S(dy, x, rows, C, k, s1, s2, sdy, sdyx); }                      \
+                                                ptrdiff_t w, ptrdiff_t ld, const T *k, T *s1,   \
+                                                T *s2, double *sdy, double *sdyx)               \
+    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx); }                  \
     static inline void cin_cl_backward_dx_##S(const T *dy, const T *x, T *dx, ptrdiff_t rows,   \
-                                              ptrdiff_t C, const T *k, const T *a,              \
-                                              const T *b, const T *cc)                          \
-    { cin_k->cl_backward_dx_##S(dy, x, dx, rows, C, k, a, b, cc); }
+                                              ptrdiff_t w, ptrdiff_t ld, const T *k,            \
+                                              const T *a, const T *b, const T *cc, int st)      \
+    { cin_k->cl_backward_dx_##S(dy, x, dx, rows, w, ld, k, a, b, cc, st); }
 
 CIN_ENTRY_POINTS(float, f)
 CIN_ENTRY_POINTS(double, d)

@@ -208,97 +208,208 @@ static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, 
     for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j];
 }
 
-/* ---- channels-last: rows of C channels ((N, *spatial, C) memory), vectorised over c ------ */
+/* ---- channels-last: rows of lanes ((N, *spatial, C) memory), vectorised over lanes ------- */
+/* Every kernel below works on `rows` rows of w lanes, row r starting at x + r * ld (ld >= w):
+ * ld == w for whole rows of C channels (or super-rows of R*C), ld == C for a tile of w
+ * channels out of C. */
 
-/* Per-channel statistics of `rows` rows of C contiguous channels: mean[c] and m2[c].
- * Blocks of CIN_CL_BLOCK rows are summed in CIN_T around a per-channel shift k[c] (the first
- * block's mean, then the running mean) and merged across blocks in double (Chan).
- * s1, s2, k: scratch of C elements each. */
-static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, ptrdiff_t C,
-                                 CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
+/* The tile walks down rows ld elements apart, a stride the hardware prefetchers follow badly:
+ * fetch the tile's lines about 1 KiB of tile data ahead (a prefetch never faults, so reading
+ * past the rows is harmless). */
+#define CIN_CL_AHEAD(NV) (1024 / ((NV) * CIN_VEC_BYTES) > 4 ? 1024 / ((NV) * CIN_VEC_BYTES) : 4)
+#define CIN_CL_PREFETCH(row, NV)                                                                   \
+    do {                                                                                           \
+        for (int l = 0; l < (int)((NV) * CIN_VEC_BYTES); l += 64)                                  \
+            __builtin_prefetch((const char *)((row) + CIN_CL_AHEAD(NV) * ld) + l, 0, 3);           \
+    } while (0)
+
+/* Per-lane sums over nb rows: s1[c] = sum(x - k[c]) and s2[c] = sum((x - k[c])^2), or, with g
+ * (the backward pass), s1[c] = sum(g) and s2[c] = sum(g * (x - k[c])), all in CIN_T.  Lanes go
+ * in tiles of four, two or one vectors whose accumulators stay in registers while the tile
+ * walks down the rows, then scalar lanes. */
+#define CIN_CL_TILE(NV)                                                                            \
+    do {                                                                                           \
+        V kv[NV], a[NV], q[NV];                                                                    \
+        for (int t = 0; t < NV; t++) {                                                             \
+            kv[t] = CIN_FN(cin_load)(k + c + t * CIN_VLEN);                                        \
+            a[t] = (V){0};                                                                         \
+            q[t] = (V){0};                                                                         \
+        }                                                                                          \
+        if (g) {                                                                                   \
+            for (ptrdiff_t r = 0; r < nb; r++) {                                                   \
+                const CIN_T *xr = x + r * ld + c, *gr = g + r * ld + c;                            \
+                CIN_CL_PREFETCH(xr, NV);                                                           \
+                CIN_CL_PREFETCH(gr, NV);                                                           \
+                for (int t = 0; t < NV; t++) {                                                     \
+                    V gv = CIN_FN(cin_load)(gr + t * CIN_VLEN);                                    \
+                    a[t] += gv;                                                                    \
+                    q[t] += gv * (CIN_FN(cin_load)(xr + t * CIN_VLEN) - kv[t]);                    \
+                }                                                                                  \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (ptrdiff_t r = 0; r < nb; r++) {                                                   \
+                const CIN_T *xr = x + r * ld + c;                                                  \
+                CIN_CL_PREFETCH(xr, NV);                                                           \
+                for (int t = 0; t < NV; t++) {                                                     \
+                    V d = CIN_FN(cin_load)(xr + t * CIN_VLEN) - kv[t];                             \
+                    a[t] += d;                                                                     \
+                    q[t] += d * d;                                                                 \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < NV; t++) {                                                             \
+            memcpy(s1 + c + t * CIN_VLEN, &a[t], sizeof(V));                                       \
+            memcpy(s2 + c + t * CIN_VLEN, &q[t], sizeof(V));                                       \
+        }                                                                                          \
+    } while (0)
+
+static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
+                                      ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
+                                      const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
+                                      CIN_T *CIN_RESTRICT s2)
+{
+    typedef CIN_FN(cin_vec) V;
+    ptrdiff_t c = 0;
+    for (; c + 4 * CIN_VLEN <= w; c += 4 * CIN_VLEN) CIN_CL_TILE(4);
+    for (; c + 2 * CIN_VLEN <= w; c += 2 * CIN_VLEN) CIN_CL_TILE(2);
+    for (; c + CIN_VLEN <= w; c += CIN_VLEN) CIN_CL_TILE(1);
+    for (; c < w; c++) {
+        CIN_T a = 0, q = 0;
+        for (ptrdiff_t r = 0; r < nb; r++) {
+            CIN_T d = x[r * ld + c] - k[c];
+            if (g) { a += g[r * ld + c]; q += g[r * ld + c] * d; }
+            else { a += d; q += d * d; }
+        }
+        s1[c] = a;
+        s2[c] = q;
+    }
+}
+#undef CIN_CL_TILE
+#undef CIN_CL_PREFETCH
+#undef CIN_CL_AHEAD
+
+/* Per-lane statistics: mean[c] and m2[c].  Blocks of CIN_CL_BLOCK rows are summed in CIN_T
+ * around a per-lane shift k[c] (the mean of the first CIN_CL_HEAD rows, then the running mean)
+ * and merged across blocks in double (Chan): one pass over x, plus the head rows, which the pass
+ * then finds in cache.  A shift within a fraction of a standard deviation of the mean keeps
+ * float32 sums free of cancellation.  s1, s2, k: scratch of w elements each. */
+#define CIN_CL_HEAD 32
+static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, ptrdiff_t w,
+                                 ptrdiff_t ld, CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
                                  CIN_T *CIN_RESTRICT k, double *mean, double *m2)
 {
-    ptrdiff_t first = rows < CIN_CL_BLOCK ? rows : CIN_CL_BLOCK;
-    for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
-    for (ptrdiff_t r = 0; r < first; r++) {
-        const CIN_T *row = x + r * C;
-#pragma omp simd
-        for (ptrdiff_t c = 0; c < C; c++) s1[c] += row[c];
+    ptrdiff_t head = rows < CIN_CL_HEAD ? rows : CIN_CL_HEAD;
+    for (ptrdiff_t c = 0; c < w; c++) { k[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
+    if (head > 0) {
+        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2);
+        for (ptrdiff_t c = 0; c < w; c++) k[c] = (CIN_T)((double)s1[c] / (double)head);
     }
-    for (ptrdiff_t c = 0; c < C; c++) k[c] = (CIN_T)((double)s1[c] / (double)first);
     double cnt = 0.0;
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
-        for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }
-        for (ptrdiff_t r = b; r < b + nb; r++) {
-            const CIN_T *row = x + r * C;
+        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2);
+        /* Chan's merge of this block into the running (cnt, mean, m2), with the divisions
+         * hoisted: every lane has the same counts. */
+        double inv_nb = 1.0 / (double)nb, f = (double)nb / (cnt + (double)nb), g = cnt * f;
+        int first = cnt == 0.0;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < C; c++) {
-                CIN_T d = row[c] - k[c];
-                s1[c] += d;
-                s2[c] += d * d;
-            }
-        }
-        for (ptrdiff_t c = 0; c < C; c++) {
-            double dm = (double)s1[c] / (double)nb;
+        for (ptrdiff_t c = 0; c < w; c++) {
+            double dm = (double)s1[c] * inv_nb;
             double bm2 = (double)s2[c] - (double)s1[c] * dm;
-            double n_c = cnt, mu = mean[c], acc = m2[c];
-            cin_chan_merge(&n_c, &mu, &acc, (double)nb, (double)k[c] + dm, bm2 < 0.0 ? 0.0 : bm2);
-            mean[c] = mu;
-            m2[c] = acc;
-            k[c] = (CIN_T)mu;
+            double bmean = (double)k[c] + dm, delta = bmean - mean[c];
+            bm2 = bm2 < 0.0 ? 0.0 : bm2;
+            mean[c] = first ? bmean : mean[c] + delta * f;
+            m2[c] = first ? bm2 : m2[c] + bm2 + delta * delta * g;
+            k[c] = (CIN_T)mean[c];
         }
         cnt += (double)nb;
     }
 }
+#undef CIN_CL_HEAD
 
-/* y[r, c] = (x[r, c] - k[c]) * a[c] + b[c]; x and y may be the same array. */
-static void CIN_FN(cin_cl_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t rows, ptrdiff_t C,
-                                     const CIN_T *k, const CIN_T *a, const CIN_T *b)
-{
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const CIN_T *xr = x + r * C;
-        CIN_T *yr = y + r * C;
-#pragma omp simd
-        for (ptrdiff_t c = 0; c < C; c++) yr[c] = (xr[c] - k[c]) * a[c] + b[c];
-    }
-}
-
-/* Per-channel backward sums over `rows` rows: sdy[c] = sum(dy), sdyx[c] = sum(dy * (x - k[c])),
- * in CIN_T within blocks of rows and in double across blocks.  s1, s2: scratch of C. */
+/* Per-lane backward sums: sdy[c] = sum(dy), sdyx[c] = sum(dy * (x - k[c])), in CIN_T within
+ * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks.  s1, s2: scratch of w. */
 static void CIN_FN(cin_cl_backward_sums)(const CIN_T *CIN_RESTRICT dy,
                                          const CIN_T *CIN_RESTRICT x, ptrdiff_t rows,
-                                         ptrdiff_t C, const CIN_T *CIN_RESTRICT k,
+                                         ptrdiff_t w, ptrdiff_t ld, const CIN_T *CIN_RESTRICT k,
                                          CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
                                          double *sdy, double *sdyx)
 {
-    for (ptrdiff_t c = 0; c < C; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
-    for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
-        ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
-        for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }
-        for (ptrdiff_t r = b; r < b + nb; r++) {
-            const CIN_T *g = dy + r * C, *v = x + r * C;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < C; c++) {
-                s1[c] += g[c];
-                s2[c] += g[c] * (v[c] - k[c]);
-            }
-        }
-        for (ptrdiff_t c = 0; c < C; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
+    for (ptrdiff_t c = 0; c < w; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
+    for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BWD_BLOCK) {
+        ptrdiff_t nb = rows - b < CIN_CL_BWD_BLOCK ? rows - b : CIN_CL_BWD_BLOCK;
+        CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2);
+        for (ptrdiff_t c = 0; c < w; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
     }
 }
 
-/* dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - k[c]) + cc[c]. */
-static void CIN_FN(cin_cl_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx,
-                                       ptrdiff_t rows, ptrdiff_t C, const CIN_T *k,
-                                       const CIN_T *a, const CIN_T *b, const CIN_T *cc)
+/* The elementwise channels-last passes: y[r, c] = (x[r, c] - k[c]) * a[c] + b[c] (cc == NULL),
+ * or dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - k[c]) + cc[c] (dy given); out may be x or
+ * dy itself.
+ * stream: non-temporal stores.  With ld == w the rows are one flat run of rows * w elements
+ * (aligned stores need not start a row): lane o of an element is its index modulo w, and the
+ * coefficients are read as vectors at k + o, so they must hold w + CIN_VLEN lanes, periodic in
+ * w (k[w + j] = k[j]), and w >= CIN_VLEN (else, or with ld > w, plain stores). */
+#define CIN_CL_ELEM(i, o) (dy ? a[o] * dy[i] + b[o] * (x[i] - k[o]) + cc[o]                      \
+                              : (x[i] - k[o]) * a[o] + b[o])
+static void CIN_FN(cin_cl_apply)(const CIN_T *x, const CIN_T *dy, CIN_T *out, ptrdiff_t rows,
+                                 ptrdiff_t w, ptrdiff_t ld, const CIN_T *k, const CIN_T *a,
+                                 const CIN_T *b, const CIN_T *cc, int stream)
 {
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const CIN_T *g = dy + r * C, *v = x + r * C;
-        CIN_T *o = dx + r * C;
-#pragma omp simd
-        for (ptrdiff_t c = 0; c < C; c++) o[c] = a[c] * g[c] + b[c] * (v[c] - k[c]) + cc[c];
+    typedef CIN_FN(cin_vec) V;
+#ifdef CIN_STREAM
+    if (stream && ld == w && w >= CIN_VLEN) {
+        ptrdiff_t n = rows * w, i = 0, o = 0;
+        for (; i < n && ((uintptr_t)(out + i) % CIN_VEC_BYTES) != 0; i++) {
+            out[i] = CIN_CL_ELEM(i, o);
+            if (++o == w) o = 0;
+        }
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+            V v = CIN_FN(cin_load)(x + i) - CIN_FN(cin_load)(k + o);
+            if (dy) v = CIN_FN(cin_load)(a + o) * CIN_FN(cin_load)(dy + i)
+                        + CIN_FN(cin_load)(b + o) * v + CIN_FN(cin_load)(cc + o);
+            else v = v * CIN_FN(cin_load)(a + o) + CIN_FN(cin_load)(b + o);
+            CIN_STREAM(out + i, v);
+            o += CIN_VLEN;
+            if (o >= w) o -= w;
+        }
+        for (; i < n; i++) {
+            out[i] = CIN_CL_ELEM(i, o);
+            if (++o == w) o = 0;
+        }
+        cin_store_fence();
+        return;
     }
+#else
+    (void)stream;
+#endif
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const CIN_T *xr = x + r * ld;
+        CIN_T *yr = out + r * ld;
+        if (dy) {
+            const CIN_T *gr = dy + r * ld;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < w; c++) yr[c] = a[c] * gr[c] + b[c] * (xr[c] - k[c]) + cc[c];
+        } else {
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < w; c++) yr[c] = (xr[c] - k[c]) * a[c] + b[c];
+        }
+    }
+}
+#undef CIN_CL_ELEM
+
+static void CIN_FN(cin_cl_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t rows, ptrdiff_t w,
+                                     ptrdiff_t ld, const CIN_T *k, const CIN_T *a, const CIN_T *b,
+                                     int stream)
+{
+    CIN_FN(cin_cl_apply)(x, NULL, y, rows, w, ld, k, a, b, NULL, stream);
+}
+
+static void CIN_FN(cin_cl_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx,
+                                       ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld, const CIN_T *k,
+                                       const CIN_T *a, const CIN_T *b, const CIN_T *cc, int stream)
+{
+    CIN_FN(cin_cl_apply)(x, dy, dx, rows, w, ld, k, a, b, cc, stream);
 }
 
 #undef CIN_STREAM

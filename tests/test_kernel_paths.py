@@ -98,25 +98,39 @@ def test_simd_env_forces_baseline():
     assert out.startswith("baseline")
 
 
-CL_SHAPES = [(3, 5, 7, 9), (2, 16, 40, 33), (1, 3, 300, 301), (4, 64, 9, 9)]
+# C = 5, 3: folded into 16-lane super-rows (plus leftover rows); 20: not a whole number of
+# vectors; 16, 64: whole vectors.  Few samples: row blocks shared out with barriers; many small
+# samples ((4, 64, ...) on one thread, the last two on two): whole samples per thread.
+CL_SHAPES = [(3, 5, 7, 9), (2, 16, 40, 33), (1, 3, 300, 301), (4, 64, 9, 9), (2, 20, 13, 11),
+             (8, 32, 16, 16), (8, 3, 40, 41)]
+
+
+def _channels_last(a):
+    perm = (0, 2, 3, 1)
+    return a.transpose(perm).copy().transpose(np.argsort(perm))
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_channels_last_every_path(rng, simd, shape, dtype):
-    perm = (0, 2, 3, 1)
-    x = make_x(rng, shape, dtype).transpose(perm).copy().transpose(np.argsort(perm))
-    dy = make_x(rng, shape, dtype).transpose(perm).copy().transpose(np.argsort(perm))
+def test_channels_last_every_path(rng, simd, streaming, shape, dtype):
+    x = _channels_last(make_x(rng, shape, dtype))
+    dy = _channels_last(make_x(rng, shape, dtype))
     assert np.moveaxis(x, 1, -1).flags.c_contiguous and not x.flags.c_contiguous
     w, b = make_affine(rng, shape[1], dtype)
     y_ref, _, _ = ref.forward(x, w, b)
     y, mean, rstd = cin.instance_norm_forward(x, w, b, n_threads=2)
     assert np.moveaxis(y, 1, -1).flags.c_contiguous
     assert_close(y, y_ref)
+    # an output one element past a vector boundary: the streaming loops peel to alignment
+    out = np.moveaxis(_misaligned_like(np.moveaxis(x, 1, -1)), -1, 1)
+    assert cin.instance_norm_forward(x, w, b, n_threads=2, out=out)[0] is out
+    assert_close(out, y_ref)
     dx, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, w, n_threads=2)
     assert np.moveaxis(dx, 1, -1).flags.c_contiguous
     for got, want in zip((dx, dw, db), ref.backward(dy, x, mean, rstd, w)):
         assert_close(got, want, grad=True)
+    assert cin.instance_norm_backward(dy, x, mean, rstd, w, n_threads=2, out=out)[0] is out
+    assert_close(out, dx, grad=True)
     rm = rng.normal(size=shape[1])
     rv = rng.uniform(0.5, 2.0, shape[1])
     y = cin.instance_norm(x, rm.astype(dtype), rv.astype(dtype), w, b, use_input_stats=False)

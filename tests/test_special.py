@@ -124,6 +124,27 @@ def test_float32_accuracy_at_mean_1e5(rng, shape, affine, n_threads):
     assert np.abs(m(x) - ref.forward(x)[0]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("shape", [(4, 40, 17, 19), (2, 3, 300, 301), (2, 200, 16, 16),
+                                   (3, 24, 2000), (1, 5, 4, 30, 30)])
+def test_float32_accuracy_at_mean_1e5_channels_last(rng, shape, n_threads):
+    # the channels-last kernels (statistics, forward and backward) keep the same bound
+    perm = (0,) + tuple(range(2, len(shape))) + (1,)
+    x = (1e5 + rng.standard_normal(shape)).astype(np.float32)
+    x_cl = np.ascontiguousarray(x.transpose(perm)).transpose(np.argsort(perm))
+    w, b = make_affine(rng, shape[1], np.float32)
+    y_ref, mean_ref, rstd_ref = ref.forward(x, w, b)
+    y, mean, rstd = cin.instance_norm_forward(x_cl, w, b, n_threads=n_threads)
+    assert np.abs(y - y_ref).max() <= 1e-5
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-4)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    # from the float32 statistics the API hands out (a float32 mean at 1e5 is itself 4e-3 off)
+    dx_ref = ref.backward(dy, x, mean.astype(np.float64), rstd.astype(np.float64), w)[0]
+    dx = cin.instance_norm_backward(np.ascontiguousarray(dy.transpose(perm)).transpose(
+        np.argsort(perm)), x_cl, mean, rstd, w, n_threads=n_threads)[0]
+    assert np.abs(dx - dx_ref).max() <= 1e-4 * max(1.0, np.abs(dx_ref).max())
+
+
 @pytest.mark.parametrize("offset, limit", [(1e3, 1e-5), (-3e4, 1e-5), (1e6, 1e-4)])
 def test_float32_accuracy_other_offsets(rng, offset, limit):
     x = (offset + rng.standard_normal((2, 3, 40, 40))).astype(np.float32)

@@ -6,6 +6,11 @@ with torch CPU (when torch imports) and with a vectorised NumPy reference writte
 ``np.copyto`` of the input's bytes, the practical floor of a memory-bound kernel. Every timing is
 reported as a ratio measured in the same run, because absolute times hold only on one machine.
 
+A channels-last table follows (``--no-channels-last`` skips it): the same arrays with
+(N, *spatial, C) memory, cinstnorm's forward and backward into ``out=`` arrays of that layout
+timed in alternating samples with the NCHW ones (ratio cl/nchw), and torch's forward on the
+channels-last tensor.
+
 Neither cinstnorm's compiled extension nor torch is imported before a benchmark runs.
 ``--device cuda|all`` adds GPU rows from ``cinstnorm._bench_gpu``, imported (with CuPy) only then.
 
@@ -346,6 +351,252 @@ def _fmt_ratio(ratio: Optional[float]) -> str:
     return "-" if ratio is None else f"{ratio:.2f}"
 
 
+# ---------------------------------------------------------------------------------------------
+# Channels-last: the same logical (N, C, *spatial) arrays with (N, *spatial, C) memory.
+
+# Time keys of a channels-last case: cinstnorm into out= arrays of the input's layout, NCHW
+# (C-contiguous) and channels-last, measured in alternating samples; the allocating CL forward
+# and torch's forward on the CL input (no_grad, when torch imports), alternated with them.
+CL_FORWARD_KEYS = ("cin_forward_out", "cin_forward_out_cl", "cin_forward_cl")
+CL_BACKWARD_KEYS = ("cin_backward_out", "cin_backward_out_cl")
+CL_TORCH_KEYS = ("torch_forward_cl",)
+# (header, key in the case's "times") of the channels-last table's time columns, in ms
+CL_TIME_COLUMNS = (("fwd ms", "cin_forward_out"), ("fwd cl ms", "cin_forward_out_cl"),
+                   ("bwd ms", "cin_backward_out"), ("bwd cl ms", "cin_backward_out_cl"),
+                   ("cl alloc ms", "cin_forward_cl"), ("torch cl ms", "torch_forward_cl"))
+CL_RATIO_COLUMNS = (("fwd cl/nchw", "forward:cl/nchw"), ("bwd cl/nchw", "backward:cl/nchw"),
+                    ("torch cl/cin cl", "forward:torch_cl/cin_cl"))
+
+
+def channels_last(a: np.ndarray) -> np.ndarray:
+    """The same values as ``a`` (N, C, *spatial) with channels-last memory: axis 1 moved last,
+    made contiguous, moved back (an (N, C, *spatial) view of (N, *spatial, C) memory).
+
+    Examples
+    --------
+    >>> x = np.arange(24.0).reshape(2, 3, 4)
+    >>> y = channels_last(x)
+    >>> bool(np.array_equal(x, y)), is_channels_last(y), bool(y.flags.c_contiguous)
+    (True, True, False)
+    """
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def is_channels_last(a: np.ndarray) -> bool:
+    """Whether ``a``'s memory is (N, *spatial, C) C-contiguous."""
+    return bool(np.moveaxis(a, 1, -1).flags.c_contiguous)
+
+
+def measure_interleaved(fns: dict, repeat: int = 7) -> dict:
+    """Time several functions side by side: ``{name: Timing}``.
+
+    Each function gets a warm-up call that also sizes its samples (as many calls as fill
+    ``MIN_SAMPLE_SECONDS``, as in :func:`measure`); then ``repeat`` rounds take one sample of
+    every function in turn, the order reversed every other round, so that drifts of the machine
+    (other load, clock speed) fall on all of them alike.
+
+    Examples
+    --------
+    >>> t = measure_interleaved({"a": lambda: sum(range(100)), "b": lambda: None}, repeat=3)
+    >>> sorted(t), 0 < t["a"].best <= t["a"].median
+    (['a', 'b'], True)
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    numbers = {}
+    for key, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        warm = time.perf_counter() - start
+        numbers[key] = max(1, min(10_000, math.ceil(MIN_SAMPLE_SECONDS / max(warm, 1e-9))))
+    samples: dict[str, list] = {key: [] for key in fns}
+    order = list(fns)
+    for round_ in range(repeat):
+        for key in (order if round_ % 2 == 0 else order[::-1]):
+            fn, number = fns[key], numbers[key]
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[key].append((time.perf_counter() - start) / number)
+    return {key: Timing(min(s), statistics.median(s)) for key, s in samples.items()}
+
+
+def _channels_last_functions(x, dy, weight, bias, threads, torch):
+    """(forward group, backward group, check): the functions to time of one channels-last
+    case (name -> zero-argument function; keys ``CL_FORWARD_KEYS`` + ``CL_TORCH_KEYS`` and
+    ``CL_BACKWARD_KEYS``), and a function returning the case's sanity check (see
+    :func:`_channels_last_check`)."""
+    import cinstnorm as cin
+
+    x_cl, dy_cl = channels_last(x), channels_last(dy)
+    out, dx_out = np.empty_like(x), np.empty_like(x)  # empty_like keeps the layout
+    out_cl, dx_cl = np.empty_like(x_cl), np.empty_like(x_cl)
+    for a in (out, dx_out, out_cl, dx_cl):
+        a.fill(0)  # map the pages once: no page faults in the timings
+    _, mean, rstd = cin.instance_norm_forward(x, weight, bias, EPS, n_threads=threads)
+
+    forward = {  # keys: CL_FORWARD_KEYS (+ CL_TORCH_KEYS)
+        "cin_forward_out": lambda: cin.instance_norm_forward(
+            x, weight, bias, EPS, n_threads=threads, out=out),
+        "cin_forward_out_cl": lambda: cin.instance_norm_forward(
+            x_cl, weight, bias, EPS, n_threads=threads, out=out_cl),
+        "cin_forward_cl": lambda: cin.instance_norm_forward(
+            x_cl, weight, bias, EPS, n_threads=threads),
+    }
+    if torch is not None:
+        F = torch.nn.functional
+        xt = torch.from_numpy(x_cl)  # keeps the strides: a channels-last tensor
+        wt, bt = torch.from_numpy(weight), torch.from_numpy(bias)
+
+        def torch_forward_cl():
+            with torch.no_grad():
+                F.instance_norm(xt, weight=wt, bias=bt, eps=EPS)
+
+        forward["torch_forward_cl"] = torch_forward_cl
+    backward = {  # keys: CL_BACKWARD_KEYS
+        "cin_backward_out": lambda: cin.instance_norm_backward(
+            dy, x, mean, rstd, weight, n_threads=threads, out=dx_out),
+        "cin_backward_out_cl": lambda: cin.instance_norm_backward(
+            dy_cl, x_cl, mean, rstd, weight, n_threads=threads, out=dx_cl),
+    }
+
+    def check():
+        return _channels_last_check(cin, (x, dy), (x_cl, dy_cl), (out, dx_out),
+                                    (out_cl, dx_cl), weight, bias, threads)
+
+    return forward, backward, check
+
+
+def _channels_last_check(cin, nchw, cl, nchw_out, cl_out, weight, bias, threads) -> dict:
+    """Run each path once and compare: {"layout": ..., "max_abs_diff": ...}.
+
+    ``layout``: "cl" when the channels-last forward and backward outputs (into ``out=`` and
+    allocated) have channels-last memory and not NCHW memory; "cl=nchw" when the two layouts
+    are the same memory (C == 1 or a single spatial element); "wrong: ..." otherwise.
+    ``max_abs_diff``: largest |CL result - NCHW result| of y, dx and the statistics.
+    """
+    (x, dy), (x_cl, dy_cl) = nchw, cl
+    y, mean, rstd = cin.instance_norm_forward(x, weight, bias, EPS, n_threads=threads,
+                                              out=nchw_out[0])
+    dx, _, _ = cin.instance_norm_backward(dy, x, mean, rstd, weight, n_threads=threads,
+                                          out=nchw_out[1])
+    y_cl, mean_cl, rstd_cl = cin.instance_norm_forward(x_cl, weight, bias, EPS,
+                                                       n_threads=threads, out=cl_out[0])
+    dx_cl, _, _ = cin.instance_norm_backward(dy_cl, x_cl, mean, rstd, weight,
+                                             n_threads=threads, out=cl_out[1])
+    y_alloc, _, _ = cin.instance_norm_forward(x_cl, weight, bias, EPS, n_threads=threads)
+    dx_alloc, _, _ = cin.instance_norm_backward(dy_cl, x_cl, mean, rstd, weight,
+                                                n_threads=threads)
+    outputs = {"y out=": y_cl, "dx out=": dx_cl, "y": y_alloc, "dx": dx_alloc}
+    not_cl = [name for name, a in outputs.items() if not is_channels_last(a)]
+    same_memory = bool(x_cl.flags.c_contiguous)
+    if not_cl:
+        layout = "wrong: " + ", ".join(not_cl)
+    else:
+        layout = "cl=nchw" if same_memory else "cl"
+
+    def diff(a, b):
+        return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+    return {"layout": layout,
+            "max_abs_diff": {"y": max(diff(y_cl, y), diff(y_alloc, y)),
+                             "dx": max(diff(dx_cl, dx), diff(dx_alloc, dx)),
+                             "stats": max(diff(mean_cl, mean), diff(rstd_cl, rstd))}}
+
+
+def channels_last_ratios(best: dict) -> dict:
+    """"forward:cl/nchw", "backward:cl/nchw" (CL time over NCHW time, both with out=; lower is
+    better, 1.0 = as fast as NCHW) and "forward:torch_cl/cin_cl" (torch's forward on the CL
+    input over cinstnorm's allocating CL forward: the speed-up over torch, None without it),
+    from best seconds per call."""
+    def ratio(num, den):
+        return None if best.get(num) is None or best.get(den) is None else best[num] / best[den]
+
+    return {"forward:cl/nchw": ratio("cin_forward_out_cl", "cin_forward_out"),
+            "backward:cl/nchw": ratio("cin_backward_out_cl", "cin_backward_out"),
+            "forward:torch_cl/cin_cl": ratio("torch_forward_cl", "cin_forward_cl")}
+
+
+CL_STEPS_PER_CASE = 2  # progress-bar steps: the forward group and the backward group
+
+
+def run_channels_last_benchmarks(shapes, dtypes, threads: int, repeat: int, progress: Progress,
+                                 torch=None) -> list[dict]:
+    """Time every (shape, dtype) case on channels-last memory beside NCHW; one dict per case
+    (times in seconds, ratios from :func:`channels_last_ratios`)."""
+    cases = []
+    for name in shapes:
+        for dtype in dtypes:
+            label = f"channels-last {name} {dtype}"
+            progress.show(f"{label}: making inputs")
+            x, dy, weight, bias = make_inputs(name, dtype)
+            forward, backward, check = _channels_last_functions(x, dy, weight, bias, threads,
+                                                                torch)
+            times = {}
+            for group_name, group in (("forward", forward), ("backward", backward)):
+                progress.show(f"{label}: {group_name}")
+                times.update(measure_interleaved(group, repeat))
+                progress.advance()
+            sanity = check()
+            del forward, backward, check, x, dy
+            cases.append({
+                "shape": name, "dims": list(SHAPES[name]), "dtype": dtype,
+                "times": {k: asdict(t) for k, t in times.items()},
+                "ratios": channels_last_ratios({k: t.best for k, t in times.items()}),
+                **sanity,
+            })
+    return cases
+
+
+CL_LEGEND = (
+    "channels-last: the same arrays with (N, *spatial, C) memory against NCHW (C-contiguous); "
+    "both write into out= arrays\nof their own layout and are timed in alternating samples "
+    "(the NCHW times here are not those of the tables above).\ncl/nchw: CL time over NCHW "
+    "time, lower is better (1.0 = as fast as NCHW). cl alloc: CL forward allocating y, the\n"
+    "denominator of torch cl/cin cl (> 1: cinstnorm is faster than torch on the CL input). "
+    "max|cl-nchw|: largest\ndifference of y, dx and statistics from NCHW; layout: cl when "
+    "every output is channels-last (cl=nchw: same memory)."
+)
+
+
+def format_channels_last_table(cases: Sequence[dict], geomean: dict) -> str:
+    """The "channels-last" table: best times (ms), the ratios, the largest difference from
+    the NCHW results and the output layout, then the geometric means of the ratios."""
+    heads = ([h for h, _ in CL_TIME_COLUMNS] + [h for h, _ in CL_RATIO_COLUMNS]
+             + ["max|cl-nchw|", "layout"])
+    widths = [max(9, len(h) + 2) for h in heads]
+    name_w = max([len("geomean")] + [len(c["shape"]) for c in cases])
+
+    def row(name: str, dtype: str, cells: Sequence[str]) -> str:
+        return f"{name:<{name_w}}  {dtype:<7}" + "".join(f"{s:>{w}}" for s, w in zip(cells, widths))
+
+    lines = ["channels-last", row("shape", "dtype", heads)]
+    for c in cases:
+        t = c["times"]
+        cells = [_fmt_ms(t[k]["best"] if k in t else None) for _, k in CL_TIME_COLUMNS]
+        cells += [_fmt_ratio(c["ratios"].get(k)) for _, k in CL_RATIO_COLUMNS]
+        cells += [f"{max(c['max_abs_diff'].values()):.1e}", c["layout"]]
+        lines.append(row(c["shape"], c["dtype"], cells))
+    cells = [""] * len(CL_TIME_COLUMNS) + [_fmt_ratio(geomean.get(k)) for _, k in CL_RATIO_COLUMNS]
+    lines.append(row("geomean", "", cells))
+    return "\n".join(lines) + "\n"
+
+
+def warn_channels_last(cases: Sequence[dict], stream=None) -> None:
+    """A warning line on stderr for each case whose CL outputs are not channels-last or whose
+    results differ from the NCHW path's by more than the reference tolerance."""
+    stream = sys.stderr if stream is None else stream
+    for c in cases:
+        tol = 1e-3 if c["dtype"] == "float32" else 1e-9
+        worst = max(c["max_abs_diff"].values())
+        if c["layout"].startswith("wrong"):
+            print(f"warning: channels-last {c['shape']} {c['dtype']}: outputs not channels-last "
+                  f"({c['layout']})", file=stream)
+        if not worst <= tol:  # also NaN
+            print(f"warning: channels-last {c['shape']} {c['dtype']}: results differ from the "
+                  f"NCHW path by {worst:.3g}", file=stream)
+
+
 def format_table(cases: Sequence[dict], geomean: dict) -> str:
     """One block per op: best times (ms) and the three ratios, then the geometric-mean row."""
     lines = []
@@ -395,6 +646,10 @@ def _parse_args(argv):
                         help="cpu: the CPU tables; cuda: only GPU rows on CuPy arrays (CUDA "
                              "events, against a CuPy y = a*x + b floor and torch CUDA; needs "
                              "CuPy and a device); all: both (default: %(default)s)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="skip the channels-last table (the same arrays with (N, *spatial, "
+                             "C) memory, forward and backward timed beside the NCHW path; on "
+                             "by default, CPU only)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar on stderr")
@@ -447,17 +702,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if torch is not None:
         saved_torch_threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
+    run_cl = run_cpu and args.channels_last
     per_case = (len(CIN_NUMPY_KEYS) + (len(TORCH_KEYS) if torch is not None else 0)) * run_cpu
+    per_case += CL_STEPS_PER_CASE * run_cl
     if gpu_bench is not None:
         gpu_torch = gpu_bench.torch_cuda(torch)
         per_case += gpu_bench.steps_per_case(gpu_torch)
     progress = Progress(len(args.shapes) * len(args.dtype) * per_case,
                         enabled=not args.no_progress and sys.stderr.isatty())
-    cases, gpu_cases = [], []
+    cases, cl_cases, gpu_cases = [], [], []
     try:
         if run_cpu:
             cases = run_benchmarks(args.shapes, args.dtype, args.threads, args.repeat, progress,
                                    torch)
+        if run_cl:
+            cl_cases = run_channels_last_benchmarks(args.shapes, args.dtype, args.threads,
+                                                    args.repeat, progress, torch)
         if gpu_bench is not None:
             gpu_cases = gpu_bench.run_gpu_benchmarks(args.shapes, args.dtype, args.repeat,
                                                      progress, gpu_torch)
@@ -480,6 +740,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for "
               "y), backward allocates dx as the API does.\n")
         print(format_table(cases, geomean))
+    cl_geomean = geometric_means(cl_cases)
+    if run_cl:
+        print(CL_LEGEND)
+        print(format_channels_last_table(cl_cases, cl_geomean))
+        warn_channels_last(cl_cases)
     gpu_geomean = geometric_means(gpu_cases)
     if gpu_bench is not None:
         print(gpu_bench.legend(gpu_torch, torch))
@@ -497,6 +762,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             result = {"environment": env, "cases": cases, "geomean": geomean}
+            if run_cl:
+                result.update(channels_last_cases=cl_cases, channels_last_geomean=cl_geomean)
             if args.device != "cpu":
                 result.update(gpu_cases=gpu_cases, gpu_geomean=gpu_geomean)
             json.dump(result, f, indent=2)

@@ -40,6 +40,15 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                         double m2_b)
     void cin_chunk_stats_f(const float *x, Py_ssize_t n, double *mean, double *m2)
     void cin_chunk_stats_d(const double *x, Py_ssize_t n, double *mean, double *m2)
+    void cin_small_forward_f(const float *x, float *y, Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0,
+                             const double *w, Py_ssize_t w_n, const double *b, Py_ssize_t b_n,
+                             double eps, double *mean, double *var, double *rstd, int stream)
+    void cin_small_forward_d(const double *x, double *y, Py_ssize_t n, Py_ssize_t L,
+                             Py_ssize_t p0, const double *w, Py_ssize_t w_n, const double *b,
+                             Py_ssize_t b_n, double eps, double *mean, double *var, double *rstd,
+                             int stream)
+    enum: CIN_BLOCK
+    enum: CIN_SMALL_BATCH
     void cin_normalize_f(const float *x, float *y, Py_ssize_t n, float k, float alpha,
                          float beta, int stream)
     void cin_normalize_d(const double *x, double *y, Py_ssize_t n, double k, double alpha,
@@ -178,6 +187,16 @@ cdef inline void _stats(const floating *x, Py_ssize_t n, double *mean,
         cin_chunk_stats_d(x, n, mean, m2)
 
 
+cdef inline void _small_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t L,
+                               Py_ssize_t p0, const double *w, Py_ssize_t w_n, const double *b,
+                               Py_ssize_t b_n, double eps, double *mean, double *var,
+                               double *rstd, int stream) noexcept nogil:
+    if floating is float:
+        cin_small_forward_f(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, stream)
+    else:
+        cin_small_forward_d(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, stream)
+
+
 cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
                             double rstd, double w, double b, int stream) noexcept nogil:
     """y = (x - mean) * rstd * w + b, evaluated as (x - k) * alpha + beta with k ~ mean."""
@@ -241,6 +260,27 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L
     cdef double[::1] cmean, cm2
+    cdef const double *wp = &weight[0] if weight.shape[0] else NULL
+    cdef const double *bp = &bias[0] if bias.shape[0] else NULL
+    if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
+        if n_threads == 1:  # tiny inputs: without the OpenMP region (about a microsecond)
+            global _threads_used
+            _threads_used = 1
+            with nogil:
+                for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
+                    p = i * CIN_SMALL_BATCH
+                    _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
+                                   weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
+                                   &rstd[p], stream)
+            return 0
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
+                p = i * CIN_SMALL_BATCH
+                _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
+                               weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
+                               &rstd[p], stream)
+        return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -831,13 +871,17 @@ _F32 = np.dtype(np.float32)
 # Thin def wrappers: a fused-type def function dispatches on its arguments' types in Python
 # (microseconds per call); choosing the specialization from x.dtype is far cheaper.
 
-def forward_train(x, y, weight, bias, double eps, mean, var, rstd, int n_threads):
-    """Instance statistics of every (P, L) plane of x into mean/var/rstd (float64, (P,)), then
-    y = (x - mean) * rstd * weight + bias; x and y are C-contiguous float32 or float64."""
-    if x.dtype == _F32:
-        _forward_train_impl[cython.float](x, y, weight, bias, eps, mean, var, rstd, n_threads)
+def forward_train(x, y, weight, bias, double eps, stats, int n_threads):
+    """Instance statistics of every (P, L) plane of x into stats (float64 (3, P): mean, biased
+    variance, rstd), then y = (x - mean) * rstd * weight + bias; x and y are C-contiguous
+    float32 or float64."""
+    cdef double[:, ::1] st = stats  # one buffer for the three (each costs a buffer request)
+    if x.itemsize == 4:  # float32 (the callers pass float32 or float64)
+        _forward_train_impl[cython.float](x, y, weight, bias, eps, st[0], st[1], st[2],
+                                          n_threads)
     else:
-        _forward_train_impl[cython.double](x, y, weight, bias, eps, mean, var, rstd, n_threads)
+        _forward_train_impl[cython.double](x, y, weight, bias, eps, st[0], st[1], st[2],
+                                           n_threads)
 
 
 def forward_channels_last(x, y, weight, bias, double eps, mean, var, rstd,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from ._gpu import is_gpu_array
 
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = _NATIVE
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -74,6 +76,8 @@ def check_device(a, x, name: str, what: str = "the input") -> None:
 def as_input(x, what: str = "input"):
     """x as an ndarray (NumPy, or CuPy for a GPU call) of a supported floating dtype (no copy
     when it already is one)."""
+    if type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64):  # the common case
+        return x
     if is_gpu_array(x):  # CuPy arrays are always in native byte order
         check_float_dtype(x.dtype, what)
         return x
@@ -100,7 +104,7 @@ def spatial_size(shape) -> int:
 
 def check_spatial(shape, use_input_stats: bool) -> None:
     """Instance statistics need more than one element per plane (non-empty input)."""
-    if use_input_stats and math.prod(shape) > 0 and spatial_size(shape) == 1:
+    if use_input_stats and spatial_size(shape) == 1 and math.prod(shape) > 0:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {tuple(shape)}"
         )
@@ -204,6 +208,8 @@ def check_out(out, x: np.ndarray) -> None:
 
 def check_devices(x, **arrays) -> None:
     """check_device for each keyword argument (name=array) against x."""
+    if sys.modules.get("cupy") is None:  # no CuPy array can exist: all on the host
+        return
     for name, a in arrays.items():
         check_device(a, x, name)
 

@@ -134,8 +134,27 @@ def _gpu_deliver(y, out):
     return out
 
 
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _plain(x, out) -> bool:
+    """x is a non-empty, aligned, C-contiguous float32/float64 ndarray and no out is given: the
+    kernels read it as it is and write a new array (the common case, with less bookkeeping)."""
+    if out is not None or type(x) is not np.ndarray or x.dtype not in _KERNEL_DTYPES:
+        return False
+    flags = x.flags
+    return flags.c_contiguous and flags.aligned and x.size > 0
+
+
 def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     """Normalize with instance statistics; returns y and float64 (P,) mean, var, rstd."""
+    if _plain(x, out):
+        P = x.shape[0] * x.shape[1]
+        y = np.empty_like(x)
+        stats = np.empty((3, P))
+        _cpu.forward_train(x.reshape(P, -1), y.reshape(P, -1), _flat64(weight), _flat64(bias),
+                           eps, stats, n_threads)
+        return y, stats[0], stats[1], stats[2]
     if is_gpu_array(x):
         y, mean, var, rstd = _gpu.forward(x, weight, bias, eps)
         return _gpu_deliver(y, out), mean, var, rstd
@@ -144,7 +163,8 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     if x.size == 0:  # undefined statistics, without allocating N*C of them (N*C may be huge)
         mean, var, rstd = np.broadcast_to(np.nan, (3, P))
         return _empty_like_input(x, out), mean, var, rstd
-    mean, var, rstd = np.empty((3, P))
+    stats = np.empty((3, P))
+    mean, var, rstd = stats
     lay = _Layout(x)
     xk = lay.kernel_view(x, V.compute_dtype(x.dtype))
     y, yk = lay.target(x, xk, out)
@@ -152,8 +172,7 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
         _cpu.forward_channels_last(xk, yk, _flat64(weight), _flat64(bias), eps, mean, var, rstd,
                                    True, n_threads)
     else:
-        _cpu.forward_train(xk, yk, _flat64(weight), _flat64(bias), eps, mean, var, rstd,
-                           n_threads)
+        _cpu.forward_train(xk, yk, _flat64(weight), _flat64(bias), eps, stats, n_threads)
     return _finish(y, x, out), mean, var, rstd
 
 
@@ -205,6 +224,14 @@ def _plane_stats(x, n_threads: int):
 def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None):
     """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat); mean_p, rstd_p: (N, C), (P,) or
     (C,)."""
+    if _plain(x, out) and _plain(dy, None) and dy.dtype is x.dtype:
+        P = x.shape[0] * x.shape[1]
+        dx = np.empty_like(x)
+        sum_dy, sum_dy_xhat = np.empty((2, P))
+        _cpu.backward(dy.reshape(P, -1), x.reshape(P, -1), _flat64(mean_p), _flat64(rstd_p),
+                      _flat64(weight), dx.reshape(P, -1), sum_dy, sum_dy_xhat, use_input_stats,
+                      n_threads)
+        return dx, sum_dy, sum_dy_xhat
     if is_gpu_array(x):
         dx, sum_dy, sum_dy_xhat = _gpu.backward(dy, x, mean_p, rstd_p, weight, use_input_stats)
         return _gpu_deliver(dx, out), sum_dy, sum_dy_xhat

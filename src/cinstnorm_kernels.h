@@ -37,6 +37,9 @@
 #define CIN_BLOCK 1024
 /* Rows per statistics block in the channels-last kernels (each channel sums this many values). */
 #define CIN_CL_BLOCK 256
+/* Small planes (at most CIN_BLOCK elements) go through the instance-statistics forward in
+ * batches of this many (cin_small_forward). */
+#define CIN_SMALL_BATCH 8
 /* Rows per block of the channels-last backward sums: each lane sums one product per row, so
  * shorter runs than the statistics' keep the float32 error of sum(dy * (x - k)) small. */
 #define CIN_CL_BWD_BLOCK 64
@@ -111,6 +114,9 @@ static inline void cin_store_fence(void)
 
 #define CIN_TABLE_TYPES(T, S)                                                                   \
     void (*chunk_stats_##S)(const T *, ptrdiff_t, double *, double *);                          \
+    void (*small_forward_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,  \
+                              ptrdiff_t, const double *, ptrdiff_t, double, double *, double *, \
+                              double *, int);                                                   \
     void (*normalize_##S)(const T *, T *, ptrdiff_t, T, T, T, int);                             \
     void (*backward_sums_##S)(const T *, const T *, ptrdiff_t, T, double *, double *);          \
     void (*backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, int);             \
@@ -132,11 +138,13 @@ typedef struct {
 
 #define CIN_TABLE(isa, label)                                                                   \
     { label,                                                                                    \
-      cin_chunk_stats_f_##isa, cin_normalize_f_##isa, cin_backward_sums_f_##isa,                \
-      cin_backward_dx_f_##isa, cin_scale_f_##isa, cin_cl_stats_f_##isa,                         \
+      cin_chunk_stats_f_##isa, cin_small_forward_f_##isa, cin_normalize_f_##isa,                \
+      cin_backward_sums_f_##isa, cin_backward_dx_f_##isa, cin_scale_f_##isa,                    \
+      cin_cl_stats_f_##isa,                                                                     \
       cin_cl_normalize_f_##isa, cin_cl_backward_sums_f_##isa, cin_cl_backward_dx_f_##isa,       \
-      cin_chunk_stats_d_##isa, cin_normalize_d_##isa, cin_backward_sums_d_##isa,                \
-      cin_backward_dx_d_##isa, cin_scale_d_##isa, cin_cl_stats_d_##isa,                         \
+      cin_chunk_stats_d_##isa, cin_small_forward_d_##isa, cin_normalize_d_##isa,                \
+      cin_backward_sums_d_##isa, cin_backward_dx_d_##isa, cin_scale_d_##isa,                    \
+      cin_cl_stats_d_##isa,                                                                     \
       cin_cl_normalize_d_##isa, cin_cl_backward_sums_d_##isa, cin_cl_backward_dx_d_##isa }
 
 #if defined(__AVX512F__)
@@ -194,6 +202,11 @@ static const char *cin_isa_name(void) { return cin_k->name; }
 #define CIN_ENTRY_POINTS(T, S)                                                                  \
     static inline void cin_chunk_stats_##S(const T *x, ptrdiff_t n, double *mean, double *m2)  \
     { cin_k->chunk_stats_##S(x, n, mean, m2); }                                                 \
+    static inline void cin_small_forward_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t L,        \
+                                             ptrdiff_t p0, const double *w, ptrdiff_t w_n,      \
+                                             const double *b, ptrdiff_t b_n, double eps,        \
+                                             double *mean, double *var, double *rstd, int st)   \
+    { cin_k->small_forward_##S(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, st); }    \
     static inline void cin_normalize_##S(const T *x, T *y, ptrdiff_t n, T k, T a, T b, int st) \
     { cin_k->normalize_##S(x, y, n, k, a, b, st); }                                             \
     static inline void cin_backward_sums_##S(const T *dy, const T *x, ptrdiff_t n, T k,         \

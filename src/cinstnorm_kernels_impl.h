@@ -132,6 +132,55 @@ static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
     for (ptrdiff_t j = i; j < n; j++) y[j] = (x[j] - k) * alpha + beta;
 }
 
+/* Instance-statistics forward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK
+ * elements (plane j at x + j * L, parameter index p0 + j: weight[(p0 + j) % w_n], 1 when w_n is
+ * 0; bias likewise, 0): mean, biased var and rstd in double, then y.  The same arithmetic as
+ * cin_chunk_stats followed by cin_normalize, plane by plane, but the per-plane scalar steps
+ * (divisions, square root) run across the batch, in vectors, instead of as one long dependency
+ * chain per plane: small planes are otherwise latency bound. */
+static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
+                                      ptrdiff_t p0, const double *w, ptrdiff_t w_n,
+                                      const double *b, ptrdiff_t b_n, double eps, double *mean,
+                                      double *var, double *rstd, int stream)
+{
+    double s[CIN_SMALL_BATCH], q[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH], bv[CIN_SMALL_BATCH];
+    double al[CIN_SMALL_BATCH], be[CIN_SMALL_BATCH];
+    CIN_T k[CIN_SMALL_BATCH], kk[CIN_SMALL_BATCH];
+    const double dl = (double)L, inv_l = 1.0 / dl;
+    ptrdiff_t wi = w_n ? p0 % w_n : 0, bi = b_n ? p0 % b_n : 0;
+    if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        s[j] = (double)CIN_FN(cin_sum)(x + j * L, L);
+        wv[j] = w_n ? w[wi] : 1.0;
+        bv[j] = b_n ? b[bi] : 0.0;
+        if (w_n && ++wi == w_n) wi = 0;
+        if (b_n && ++bi == b_n) bi = 0;
+    }
+    for (ptrdiff_t j = 0; j < n; j++) k[j] = (CIN_T)(s[j] / dl);
+    for (ptrdiff_t j = 0; j < n; j++) {
+        CIN_T a, b2;
+        CIN_FN(cin_shifted_sums)(x + j * L, L, k[j], &a, &b2);
+        s[j] = (double)a;
+        q[j] = (double)b2;
+    }
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double dm = s[j] / dl;
+        double m2 = q[j] - s[j] * dm;
+        double mu = (double)k[j] + dm;
+        double v = (m2 < 0.0 ? 0.0 : m2) * inv_l;
+        double r = 1.0 / sqrt(v + eps);
+        mean[j] = mu;
+        var[j] = v;
+        rstd[j] = r;
+        kk[j] = (CIN_T)mu;
+        al[j] = r * wv[j];
+        be[j] = bv[j] - (mu - (double)kk[j]) * al[j];
+    }
+    for (ptrdiff_t j = 0; j < n; j++)
+        CIN_FN(cin_normalize)(x + j * L, y + j * L, L, kk[j], (CIN_T)al[j], (CIN_T)be[j], stream);
+}
+
 /* Backward sums over n elements: *sdy = sum(dy), *sdyx = sum(dy * (x - k)), accumulated in
  * CIN_T inside blocks and in double across blocks. */
 static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,

@@ -244,9 +244,13 @@ def _case_functions(x, dy, weight, bias, threads, torch):
 
 def _torch_functions(torch, x, dy, weight, bias):
     """torch forward (no_grad), autograd backward alone, and forward + backward."""
+    return torch_closures(torch, *(torch.from_numpy(a) for a in (x, dy, weight, bias)))
+
+
+def torch_closures(torch, xt, dyt, wt, bt):
+    """Timed torch calls on tensors xt, dyt, wt, bt (any device): forward (no_grad), autograd
+    backward alone (of a graph built once) and forward + backward."""
     F = torch.nn.functional
-    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
-    wt, bt = torch.from_numpy(weight), torch.from_numpy(bias)
     xg, wg, bg = (t.detach().clone().requires_grad_() for t in (xt, wt, bt))
     y_graph = F.instance_norm(xg, weight=wg, bias=bg, eps=EPS)  # kept for backward alone
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ._bench import (EPS, MIN_SAMPLE_SECONDS, SHAPES, Progress, Timing, make_inputs,
-                     numpy_backward, numpy_forward)
+                     numpy_backward, numpy_forward, torch_closures)
 
 # Calls per timed sample: enough to last MIN_SAMPLE_SECONDS, within these bounds.
 MIN_CALLS, MAX_CALLS = 3, 1000
@@ -160,19 +160,8 @@ def _case_functions(cupy, cin, x, dy, weight, bias, torch):
 
 def _torch_functions(torch, x, dy, weight, bias):
     """torch CUDA forward (no_grad) and forward + autograd backward, on x's device memory."""
-    F = torch.nn.functional
-    xt, dyt, wt, bt = (torch.as_tensor(a) for a in (x, dy, weight, bias))  # no copy
-    xg, wg, bg = (t.detach().clone().requires_grad_() for t in (xt, wt, bt))
-
-    def forward():
-        with torch.no_grad():
-            F.instance_norm(xt, weight=wt, bias=bt, eps=EPS)
-
-    def forward_backward():
-        y = F.instance_norm(xg, weight=wg, bias=bg, eps=EPS)
-        torch.autograd.grad(y, (xg, wg, bg), dyt)
-
-    return {"torch_forward": forward, "torch_forward_backward": forward_backward}  # TORCH_KEYS
+    fns = torch_closures(torch, *(torch.as_tensor(a) for a in (x, dy, weight, bias)))  # no copy
+    return {k: fns[k] for k in ("torch_forward", "torch_forward_backward")}  # TORCH_KEYS
 
 
 def _max_errors(cupy, cin, host, device):

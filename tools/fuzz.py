@@ -238,9 +238,12 @@ def ref_backward(dy, x, mean, rstd, w, use_input_stats=True):
         dx_mag = np.abs(dx)
     per_sample = w is not None and np.ndim(w) == 2
     axes = 2 if per_sample else (0, 2)
-    # sums of absolute values: the rounding error of a float32 sum scales with them
-    mags = (np.abs(g * xhat).sum(axis=axes), np.abs(g).sum(axis=axes),
-            dx_mag.reshape(x.shape))
+    # sums of absolute values: the rounding error of a float32 sum scales with them.  For
+    # sum(dy * xhat), xhat = (x - mean) * rstd is itself the rounded difference of terms as
+    # large as |x| and |mean| (a constant plane: the exact xhat is 0, the reference's ~ulp), so
+    # its terms count at that size.
+    mags = ((np.abs(g) * (np.abs(p) + np.abs(mean)) * np.abs(rstd)).sum(axis=axes),
+            np.abs(g).sum(axis=axes), dx_mag.reshape(x.shape))
     return dx.reshape(x.shape), (g * xhat).sum(axis=axes), g.sum(axis=axes), mags
 
 

@@ -164,6 +164,14 @@ cdef inline double _param(const double[::1] a, Py_ssize_t p, double fill) noexce
     return fill if n == 0 else a[p % n]
 
 
+cdef inline double _param_pc(const double[::1] a, Py_ssize_t p, Py_ssize_t c,
+                             double fill) noexcept nogil:
+    """_param for plane p of channel c, without the integer division: a has P or C elements
+    (a (P,) parameter when p < len, else a (C,) one) or none."""
+    cdef Py_ssize_t n = a.shape[0]
+    return fill if n == 0 else (a[p] if p < n else a[c])
+
+
 cdef inline void _merge_chunks(Py_ssize_t L, Py_ssize_t k, const double *cmean,
                                const double *cm2, double *mean, double *m2) noexcept nogil:
     """Merge a plane's k chunk statistics (in chunk order, so the result does not depend on
@@ -663,14 +671,18 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 for c in range(C):
                     p = n * C + c
                     if use_input_stats:
-                        m = m2 = 0.0  # assigned here so that prange keeps them thread-private
-                        _cl_channel_stats(&part[0, n, 0], &part[1, n, 0], RC + C, 1, L, R, C, c,
-                                          &m, &m2)
+                        # assigned here so that prange keeps them thread-private
+                        m = part[0, n, c]  # R == 1: one piece, nothing to merge
+                        m2 = part[1, n, c]
+                        if R > 1:
+                            _cl_channel_stats(&part[0, n, 0], &part[1, n, 0], RC + C, 1, L, R, C,
+                                              c, &m, &m2)
                         mean[p] = m
                         var[p] = m2 / <double>L
                         rstd[p] = 1.0 / sqrt(var[p] + eps)
                     _cl_fwd_coefficients(&coef[0, n, 0], T, c, C, RC, mean[p], rstd[p],
-                                         _param(weight, p, 1.0), _param(bias, p, 0.0))
+                                         _param_pc(weight, p, c, 1.0),
+                                         _param_pc(bias, p, c, 0.0))
                 _cl_item_normalize(&x[n, 0, 0], &y[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
                                    T, stream)
         else:
@@ -820,16 +832,22 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                 full = L // R
                 rem = L % R
                 for c in range(C):
-                    _set_lanes(&coef[0, n, 0], c, C, RC, <floating>_param(mean, n * C + c, 0.0))
+                    _set_lanes(&coef[0, n, 0], c, C, RC,
+                               <floating>_param_pc(mean, n * C + c, c, 0.0))
                 _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
                               &scratch[n, 0, 0], &part[0, n, 0], &part[1, n, 0])
                 for c in range(C):
                     p = n * C + c
-                    sg = sx = 0.0  # assigned here so that prange keeps them thread-private
-                    _cl_channel_sums(&part[0, n, 0], &part[1, n, 0], RC + C, 1, R, C, c, &sg, &sx)
-                    _cl_bwd_channel(&coef[0, n, 0], T, c, C, RC, L, sg, sx, _param(mean, p, 0.0),
-                                    _param(rstd, p, 1.0), _param(weight, p, 1.0),
-                                    use_input_stats, &sum_dy[p], &sum_dy_xhat[p])
+                    # assigned here so that prange keeps them thread-private
+                    sg = part[0, n, c]  # R == 1: one piece (the leftover part is empty)
+                    sx = part[1, n, c]
+                    if R > 1:
+                        _cl_channel_sums(&part[0, n, 0], &part[1, n, 0], RC + C, 1, R, C, c, &sg,
+                                         &sx)
+                    _cl_bwd_channel(&coef[0, n, 0], T, c, C, RC, L, sg, sx,
+                                    _param_pc(mean, p, c, 0.0), _param_pc(rstd, p, c, 1.0),
+                                    _param_pc(weight, p, c, 1.0), use_input_stats, &sum_dy[p],
+                                    &sum_dy_xhat[p])
                 _cl_item_dx(&dy[n, 0, 0], &x[n, 0, 0], &dx[n, 0, 0], full, rem, R, C,
                             &coef[0, n, 0], T, use_input_stats, stream)
         else:

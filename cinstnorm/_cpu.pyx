@@ -47,6 +47,14 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                              Py_ssize_t p0, const double *w, Py_ssize_t w_n, const double *b,
                              Py_ssize_t b_n, double eps, double *mean, double *var, double *rstd,
                              int stream)
+    void cin_small_backward_f(const float *dy, const float *x, float *dx, Py_ssize_t n,
+                              Py_ssize_t L, Py_ssize_t p0, const double *m, Py_ssize_t m_n,
+                              const double *r, Py_ssize_t r_n, const double *w, Py_ssize_t w_n,
+                              int use_input_stats, double *sdy, double *sdyx, int stream)
+    void cin_small_backward_d(const double *dy, const double *x, double *dx, Py_ssize_t n,
+                              Py_ssize_t L, Py_ssize_t p0, const double *m, Py_ssize_t m_n,
+                              const double *r, Py_ssize_t r_n, const double *w, Py_ssize_t w_n,
+                              int use_input_stats, double *sdy, double *sdyx, int stream)
     enum: CIN_BLOCK
     enum: CIN_SMALL_BATCH
     void cin_normalize_f(const float *x, float *y, Py_ssize_t n, float k, float alpha,
@@ -203,6 +211,22 @@ cdef inline void _small_forward(const floating *x, floating *y, Py_ssize_t n, Py
         cin_small_forward_f(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, stream)
     else:
         cin_small_forward_d(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, stream)
+
+
+cdef inline void _small_backward(const floating *dy, const floating *x, floating *dx,
+                                 Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0, const double[::1] m,
+                                 const double[::1] r, const double[::1] w, bint use_input_stats,
+                                 double *sdy, double *sdyx, int stream) noexcept nogil:
+    """cin_small_backward for planes p0.. (parameters as _param reads them)."""
+    cdef const double *mp = &m[0] if m.shape[0] else NULL
+    cdef const double *rp = &r[0] if r.shape[0] else NULL
+    cdef const double *wp = &w[0] if w.shape[0] else NULL
+    if floating is float:
+        cin_small_backward_f(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
+                             w.shape[0], use_input_stats, sdy, sdyx, stream)
+    else:
+        cin_small_backward_d(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
+                             w.shape[0], use_input_stats, sdy, sdyx, stream)
 
 
 cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
@@ -368,6 +392,25 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L, sg, sc
     cdef double[::1] cg, cc
+    if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
+        if n_threads == 1:  # tiny inputs: without the OpenMP region
+            global _threads_used
+            _threads_used = 1
+            with nogil:
+                for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
+                    p = i * CIN_SMALL_BATCH
+                    _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p),
+                                    L, p, mean, rstd, weight, use_input_stats, &sum_dy[p],
+                                    &sum_dy_xhat[p], stream)
+            return 0
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
+                p = i * CIN_SMALL_BATCH
+                _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p), L,
+                                p, mean, rstd, weight, use_input_stats, &sum_dy[p],
+                                &sum_dy_xhat[p], stream)
+        return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()

@@ -121,6 +121,9 @@ static inline void cin_store_fence(void)
     void (*backward_sums_##S)(const T *, const T *, ptrdiff_t, T, double *, double *);          \
     void (*backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, int);             \
     void (*scale_##S)(const T *, T *, ptrdiff_t, T, int);                                     \
+    void (*small_backward_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,      \
+                               const double *, ptrdiff_t, const double *, ptrdiff_t,            \
+                               const double *, ptrdiff_t, int, double *, double *, int);        \
     void (*cl_stats_##S)(const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, T *, T *, T *, double *,   \
                          double *);                                                             \
     void (*cl_normalize_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *,        \
@@ -140,10 +143,12 @@ typedef struct {
     { label,                                                                                    \
       cin_chunk_stats_f_##isa, cin_small_forward_f_##isa, cin_normalize_f_##isa,                \
       cin_backward_sums_f_##isa, cin_backward_dx_f_##isa, cin_scale_f_##isa,                    \
+      cin_small_backward_f_##isa,                                                               \
       cin_cl_stats_f_##isa,                                                                     \
       cin_cl_normalize_f_##isa, cin_cl_backward_sums_f_##isa, cin_cl_backward_dx_f_##isa,       \
       cin_chunk_stats_d_##isa, cin_small_forward_d_##isa, cin_normalize_d_##isa,                \
       cin_backward_sums_d_##isa, cin_backward_dx_d_##isa, cin_scale_d_##isa,                    \
+      cin_small_backward_d_##isa,                                                               \
       cin_cl_stats_d_##isa,                                                                     \
       cin_cl_normalize_d_##isa, cin_cl_backward_sums_d_##isa, cin_cl_backward_dx_d_##isa }
 
@@ -217,6 +222,13 @@ static const char *cin_isa_name(void) { return cin_k->name; }
     { cin_k->backward_dx_##S(dy, x, dx, n, k, a, b, c, st); }                                   \
     static inline void cin_scale_##S(const T *dy, T *dx, ptrdiff_t n, T a, int st)              \
     { cin_k->scale_##S(dy, dx, n, a, st); }                                                     \
+    static inline void cin_small_backward_##S(const T *dy, const T *x, T *dx, ptrdiff_t n,      \
+                                              ptrdiff_t L, ptrdiff_t p0, const double *m,       \
+                                              ptrdiff_t m_n, const double *r, ptrdiff_t r_n,    \
+                                              const double *w, ptrdiff_t w_n, int use,          \
+                                              double *sdy, double *sdyx, int st)                \
+    { cin_k->small_backward_##S(dy, x, dx, n, L, p0, m, m_n, r, r_n, w, w_n, use, sdy, sdyx,   \
+                                st); }                                                          \
     static inline void cin_cl_stats_##S(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld,  \
                                         T *s1, T *s2, T *k, double *mean, double *m2)           \
     { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2); }                               \

@@ -257,6 +257,49 @@ static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, 
     for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j];
 }
 
+/* Backward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK elements (plane j at
+ * dy/x/dx + j * L, parameter index p0 + j: mean[(p0 + j) % m_n] (0 when m_n is 0), rstd
+ * (1), weight (1) likewise): per-plane sums(dy) and sum(dy * xhat), then dx.  The arithmetic
+ * of cin_backward_sums and cin_backward_dx / cin_scale, plane by plane, with the parameter
+ * lookups and coefficient steps done once per batch. */
+static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                                       ptrdiff_t L, ptrdiff_t p0, const double *mean,
+                                       ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
+                                       const double *w, ptrdiff_t w_n, int use_input_stats,
+                                       double *sum_dy, double *sum_dy_xhat, int stream)
+{
+    double mu[CIN_SMALL_BATCH], rs[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH];
+    double sg[CIN_SMALL_BATCH], sc[CIN_SMALL_BATCH];
+    CIN_T k[CIN_SMALL_BATCH];
+    const double inv_l = 1.0 / (double)L;
+    ptrdiff_t mi = m_n ? p0 % m_n : 0, ri = r_n ? p0 % r_n : 0, wi = w_n ? p0 % w_n : 0;
+    if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        mu[j] = m_n ? mean[mi] : 0.0;
+        rs[j] = r_n ? rstd[ri] : 1.0;
+        wv[j] = w_n ? w[wi] : 1.0;
+        if (m_n && ++mi == m_n) mi = 0;
+        if (r_n && ++ri == r_n) ri = 0;
+        if (w_n && ++wi == w_n) wi = 0;
+        k[j] = (CIN_T)mu[j];
+        CIN_FN(cin_backward_sums)(dy + j * L, x + j * L, L, k[j], &sg[j], &sc[j]);
+        sc[j] = sc[j] + ((double)k[j] - mu[j]) * sg[j];   /* centred: sum(dy * (x - mean)) */
+    }
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double a = wv[j] * rs[j];
+        if (!use_input_stats) {
+            CIN_FN(cin_scale)(dy + j * L, dx + j * L, L, (CIN_T)a, stream);
+        } else {
+            double b = -a * rs[j] * rs[j] * sc[j] * inv_l;
+            double c = -a * sg[j] * inv_l + b * ((double)k[j] - mu[j]);
+            CIN_FN(cin_backward_dx)(dy + j * L, x + j * L, dx + j * L, L, k[j], (CIN_T)a,
+                                    (CIN_T)b, (CIN_T)c, stream);
+        }
+        sum_dy[j] = sg[j];
+        sum_dy_xhat[j] = sc[j] * rs[j];
+    }
+}
+
 /* ---- channels-last: rows of lanes ((N, *spatial, C) memory), vectorised over lanes ------- */
 /* Every kernel below works on `rows` rows of w lanes, row r starting at x + r * ld (ld >= w):
  * ld == w for whole rows of C channels (or super-rows of R*C), ld == C for a tile of w

@@ -86,6 +86,21 @@ def test_is_gpu_array_never_imports_cupy(monkeypatch):
     assert "cupy" not in sys.modules
 
 
+def test_cuda_module_without_cupy_says_what_is_missing_and_changes_nothing(monkeypatch):
+    import cinstnorm as cin
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(ImportError, match="pip install cupy-cuda"):
+        cin.InstanceNorm2d(3, affine=True, device="cuda")
+    m = cin.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    before = (m.weight, m.bias, m.running_mean, m.running_var)
+    with pytest.raises(ImportError, match="CuPy"):
+        m.to("cuda:0")
+    assert m.device == "cpu" and (m.weight, m.bias, m.running_mean, m.running_var) == before
+    with pytest.raises(ValueError, match="device must be"):
+        cin.InstanceNorm2d(3, device="gpu")
+
+
 # ---- CPU-only: the work split -------------------------------------------------------------
 
 def _valid_plan(plan, kind, P, L, itemsize, head):

@@ -382,10 +382,17 @@ def _deliver(cupy, result, x):
     return result.astype(x.dtype, copy=False)
 
 
-def _sizes(x):
-    """(device id, P, L, compute dtype) of a non-empty (N, C, *spatial) input."""
+def _prepare(cupy, kind: str, plan, x, *more):
+    """What every launch of ``kind`` needs from a non-empty (N, C, *spatial) input x (and the
+    arrays ``more`` of its shape): (device id, L, compute dtype, the inputs as C-contiguous
+    (P, L) planes of the compute dtype, an output congruent with x's planes, whether all of
+    them take aligned 16-byte access, the plan)."""
     P = x.shape[0] * x.shape[1]
-    return x.device.id, P, x.size // P, _compute_dtype(x.dtype)
+    dev, L, cdt = x.device.id, x.size // P, _compute_dtype(x.dtype)
+    planes = tuple(_planes(cupy, a, cdt) for a in (x,) + more)
+    out = _empty_congruent(cupy, planes[0])
+    vec = _vector_access(*planes, out)
+    return dev, L, cdt, planes, out, vec, _plan_for(kind, plan, planes[0], vec, dev)
 
 
 # ---- entry points -------------------------------------------------------------------------
@@ -418,11 +425,7 @@ def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan
             for a in stats:
                 a.fill(np.nan)
             return cupy.empty_like(x), *stats
-        dev, P, L, cdt = _sizes(x)
-        x2 = _planes(cupy, x, cdt)
-        y2 = _empty_congruent(cupy, x2)
-        vec = _vector_access(x2, y2)
-        plan = _plan_for("forward", plan, x2, vec, dev)
+        dev, L, cdt, (x2,), y2, vec, plan = _prepare(cupy, "forward", plan, x)
         w, w_ns = _plane_param(cupy, weight, N, C)
         b, b_ns = _plane_param(cupy, bias, N, C)
         i64, f64 = np.int64, np.float64
@@ -460,11 +463,8 @@ def forward_fixed(x, mean, var, weight=None, bias=None, eps: float = 1e-5, *,
         if x.size == 0:
             return cupy.empty_like(x)
         N, C = x.shape[:2]
-        dev, P, L, cdt = _sizes(x)
-        x2 = _planes(cupy, x, cdt)
-        y2 = _empty_congruent(cupy, x2)
-        vec = _vector_access(x2, y2)
-        plan = _plan_for("fixed", plan, x2, vec, dev)
+        P = N * C
+        dev, L, cdt, (x2,), y2, vec, plan = _prepare(cupy, "fixed", plan, x)
         m, m_ns = _plane_param(cupy, mean, N, C)
         v, v_ns = _plane_param(cupy, var, N, C)
         w, w_ns = _plane_param(cupy, weight, N, C)
@@ -511,12 +511,7 @@ def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *
         if x.size == 0:
             return (cupy.empty_like(x), cupy.zeros(P, dtype=cupy.float64),
                     cupy.zeros(P, dtype=cupy.float64))
-        dev, P, L, cdt = _sizes(x)
-        x2 = _planes(cupy, x, cdt)
-        dy2 = _planes(cupy, dy, cdt)
-        dx2 = _empty_congruent(cupy, x2)
-        vec = _vector_access(x2, dy2, dx2)
-        plan = _plan_for("backward", plan, x2, vec, dev)
+        dev, L, cdt, (x2, dy2), dx2, vec, plan = _prepare(cupy, "backward", plan, x, dy)
         m, m_ns = _plane_param(cupy, mean_p, N, C)
         r, r_ns = _plane_param(cupy, rstd_p, N, C)
         w, w_ns = _plane_param(cupy, weight, N, C)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from dataclasses import asdict
 from typing import Callable, Optional, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from ._bench import (EPS, MIN_SAMPLE_SECONDS, SHAPES, Progress, Timing, make_inputs,
                      numpy_backward, numpy_forward, torch_closures)
+from ._bench import warn_errors as bench_warn_errors
 
 # Calls per timed sample: enough to last MIN_SAMPLE_SECONDS, within these bounds.
 MIN_CALLS, MAX_CALLS = 3, 1000
@@ -291,11 +291,4 @@ def legend(torch_cuda_module, torch) -> str:
 
 def warn_errors(cases: Sequence[dict], stream=None) -> None:
     """A warning line on stderr for each case whose device result is off the reference."""
-    stream = sys.stderr if stream is None else stream
-    for c in cases:
-        tol = 1e-3 if c["dtype"] == "float32" else 1e-9
-        worst = max(c["max_abs_err"].values())
-        if worst > tol:
-            print(f"warning: gpu {c['shape']} {c['dtype']}: cinstnorm differs from the NumPy "
-                  f"reference by {worst:.3g} (y {c['max_abs_err']['y']:.3g}, "
-                  f"dx {c['max_abs_err']['dx']:.3g})", file=stream)
+    bench_warn_errors(cases, "gpu ", stream)

@@ -72,9 +72,9 @@ cdef extern from "cinstnorm_kernels.h" nogil:
     void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a, int stream)
     void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a, int stream)
     void cin_cl_stats_f(const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
-                        float *s1, float *s2, float *k, double *mean, double *m2)
+                        float *s1, float *s2, float *k, double *mean, double *m2, int seq)
     void cin_cl_stats_d(const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
-                        double *s1, double *s2, double *k, double *mean, double *m2)
+                        double *s1, double *s2, double *k, double *mean, double *m2, int seq)
     void cin_cl_normalize_f(const float *x, float *y, Py_ssize_t rows, Py_ssize_t w,
                             Py_ssize_t ld, const float *k, const float *a, const float *b,
                             int stream)
@@ -83,10 +83,10 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                             int stream)
     void cin_cl_backward_sums_f(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t w,
                                 Py_ssize_t ld, const float *k, float *s1, float *s2,
-                                double *sdy, double *sdyx)
+                                double *sdy, double *sdyx, int seq)
     void cin_cl_backward_sums_d(const double *dy, const double *x, Py_ssize_t rows,
                                 Py_ssize_t w, Py_ssize_t ld, const double *k, double *s1,
-                                double *s2, double *sdy, double *sdyx)
+                                double *s2, double *sdy, double *sdyx, int seq)
     void cin_cl_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const float *k, const float *a,
                               const float *b, const float *cc, int stream)
@@ -486,8 +486,10 @@ cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
 # channels-last passes read each sample twice.  Work items are (sample, block of rows) over
 # whole (super-)rows; each computes per-channel partial results with loops vectorised over
 # channels, a per-(n, c) merge follows, then a third loop over the same items (same static
-# schedule) finishes them.  Samples go in groups of half the LLC, so that the second read finds
-# them there.  (Walking one sample's tile of channels down all its rows instead, to reuse the
+# schedule) finishes them.  Samples go in groups small enough for the second read to find them
+# in the LLC (see _samples_per_group).  When the tensor is larger than the LLC (the output then
+# uses streaming stores), the first read comes from DRAM and the per-channel sums read the rows
+# in order rather than in register tiles (cin_cl_block_sums).  (Walking one sample's tile of channels down all its rows instead, to reuse the
 # tile from L2, measured 2 to 7x slower: a stride of C elements defeats the prefetchers and the
 # TLB.)
 
@@ -496,8 +498,9 @@ cdef enum:
     # loops can read a whole vector (up to 16 lanes) at any lane offset below RC.
     CL_PAD = 16
     CL_ITEMS_PER_THREAD = 2
-    # Samples (all arrays read) up to this size go whole to one thread (half a typical L2).
-    CL_FUSE_BYTES = 256 * 1024
+    # Samples (all arrays read) up to this size go whole to one thread: with the output, twice
+    # this per thread stays in that core's L2 and its share of the LLC between the two reads.
+    CL_FUSE_BYTES = 1024 * 1024
 
 
 cdef Py_ssize_t _cl_chunks(Py_ssize_t N, Py_ssize_t L, int n_threads) noexcept nogil:
@@ -516,11 +519,11 @@ cdef inline Py_ssize_t _row_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) noex
 
 cdef inline void _cl_stats(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
                            floating *s1, floating *s2, floating *k, double *mean,
-                           double *m2) noexcept nogil:
+                           double *m2, int seq) noexcept nogil:
     if floating is float:
-        cin_cl_stats_f(x, rows, w, ld, s1, s2, k, mean, m2)
+        cin_cl_stats_f(x, rows, w, ld, s1, s2, k, mean, m2, seq)
     else:
-        cin_cl_stats_d(x, rows, w, ld, s1, s2, k, mean, m2)
+        cin_cl_stats_d(x, rows, w, ld, s1, s2, k, mean, m2, seq)
 
 
 cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t w,
@@ -534,11 +537,11 @@ cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, 
 
 cdef inline void _cl_bwd_sums(const floating *dy, const floating *x, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const floating *k, floating *s1,
-                              floating *s2, double *sdy, double *sdyx) noexcept nogil:
+                              floating *s2, double *sdy, double *sdyx, int seq) noexcept nogil:
     if floating is float:
-        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx)
+        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, seq)
     else:
-        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx)
+        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, seq)
 
 
 cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
@@ -554,8 +557,11 @@ cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx,
 
 cdef Py_ssize_t _samples_per_group(Py_ssize_t sample_bytes, Py_ssize_t N) noexcept nogil:
     """Samples processed together (statistics, merge, normalize) so that what the first loop
-    reads is still in the last-level cache when the third loop reads it again: half the LLC."""
-    cdef Py_ssize_t g = (_stream_min_bytes // 2) // (sample_bytes if sample_bytes > 0 else 1)
+    reads is still in the last-level cache when the third loop reads it again: an eighth of the
+    LLC, so that with the output the group takes a quarter.  A process gets only about its cores'
+    share of a shared LLC: on the 2-core development VM (one 32 MiB L3 for 8 cores) reads run at
+    L3 speed up to about 8 MiB and at DRAM speed from 16 MiB on."""
+    cdef Py_ssize_t g = (_stream_min_bytes // 8) // (sample_bytes if sample_bytes > 0 else 1)
     return 1 if g < 1 else (N if g > N else g)
 
 
@@ -667,14 +673,16 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
 
 cdef inline void _cl_item_stats(const floating *x0, Py_ssize_t full, Py_ssize_t rem,
                                 Py_ssize_t R, Py_ssize_t C, floating *scr, double *pm,
-                                double *pm2) noexcept nogil:
+                                double *pm2, int seq) noexcept nogil:
     """Partial statistics of one item: `full` super-rows of R*C lanes from x0, then `rem` rows
-    of C lanes, into pm/pm2 (RC lanes, then C).  scr: 3 * RC elements of scratch."""
+    of C lanes, into pm/pm2 (RC lanes, then C).  scr: 3 * RC elements of scratch; seq: read
+    the rows in order (see cin_cl_block_sums)."""
     cdef Py_ssize_t RC = R * C
     if full > 0:
-        _cl_stats(x0, full, RC, RC, scr, scr + RC, scr + 2 * RC, pm, pm2)
+        _cl_stats(x0, full, RC, RC, scr, scr + RC, scr + 2 * RC, pm, pm2, seq)
     if rem > 0:
-        _cl_stats(x0 + full * RC, rem, C, C, scr, scr + RC, scr + 2 * RC, pm + RC, pm2 + RC)
+        _cl_stats(x0 + full * RC, rem, C, C, scr, scr + RC, scr + 2 * RC, pm + RC, pm2 + RC,
+                  seq)
 
 
 cdef inline void _cl_item_normalize(const floating *x0, floating *y0, Py_ssize_t full,
@@ -710,7 +718,7 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 rem = L % R
                 if use_input_stats:
                     _cl_item_stats(&x[n, 0, 0], full, rem, R, C, &scratch[n, 0, 0],
-                                   &part[0, n, 0], &part[1, n, 0])
+                                   &part[0, n, 0], &part[1, n, 0], stream)
                 for c in range(C):
                     p = n * C + c
                     if use_input_stats:
@@ -736,7 +744,7 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                     full = _item_rows(L, k, i) // R
                     rem = _item_rows(L, k, i) % R
                     _cl_item_stats(&x[i // k, lo, 0], full, rem, R, C, &scratch[i, 0, 0],
-                                   &part[0, i, 0], &part[1, i, 0])
+                                   &part[0, i, 0], &part[1, i, 0], stream)
             cin_barrier()
             for p in prange(g0 * C, g1 * C, schedule='static'):
                 n = p // C
@@ -819,18 +827,18 @@ cdef inline void _cl_bwd_channel(floating *row, Py_ssize_t t, Py_ssize_t c, Py_s
 
 cdef inline void _cl_item_sums(const floating *g0, const floating *x0, Py_ssize_t full,
                                Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C, const floating *krow,
-                               floating *scr, double *pg, double *px) noexcept nogil:
-    """Partial backward sums of one item (layout of _cl_item_stats; k: the sample's shift
-    row); pg/px are zeroed first, so parts an item lacks add nothing."""
+                               floating *scr, double *pg, double *px, int seq) noexcept nogil:
+    """Partial backward sums of one item (layout and seq of _cl_item_stats; k: the sample's
+    shift row); pg/px are zeroed first, so parts an item lacks add nothing."""
     cdef Py_ssize_t RC = R * C, j
     for j in range(RC + C):
         pg[j] = 0.0
         px[j] = 0.0
     if full > 0:
-        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px)
+        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px, seq)
     if rem > 0:
         _cl_bwd_sums(g0 + full * RC, x0 + full * RC, rem, C, C, krow, scr, scr + RC, pg + RC,
-                     px + RC)
+                     px + RC, seq)
 
 
 cdef inline void _cl_item_dx(const floating *g0, const floating *x0, floating *d0,
@@ -878,7 +886,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                     _set_lanes(&coef[0, n, 0], c, C, RC,
                                <floating>_param_pc(mean, n * C + c, c, 0.0))
                 _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
-                              &scratch[n, 0, 0], &part[0, n, 0], &part[1, n, 0])
+                              &scratch[n, 0, 0], &part[0, n, 0], &part[1, n, 0], stream)
                 for c in range(C):
                     p = n * C + c
                     # assigned here so that prange keeps them thread-private
@@ -904,7 +912,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                 full = _item_rows(L, k, i) // R
                 rem = _item_rows(L, k, i) % R
                 _cl_item_sums(&dy[n, lo, 0], &x[n, lo, 0], full, rem, R, C, &coef[0, n, 0],
-                              &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0])
+                              &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0], stream)
             cin_barrier()
             for p in prange(g0 * C, g1 * C, schedule='static'):
                 n = p // C

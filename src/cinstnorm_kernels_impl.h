@@ -355,13 +355,61 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
         }                                                                                          \
     } while (0)
 
+/* The same sums with the rows read in order, CIN_CL_SEQ_ROWS at a time, the per-lane partial
+ * sums living in s1 and s2 (in L1) between groups of rows: every array streams forward, which
+ * is what the prefetchers follow best when x comes from DRAM.  Each lane adds its rows in the
+ * same order as the tiles do. */
+#define CIN_CL_SEQ_ROWS 4
+static void CIN_FN(cin_cl_row_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
+                                    ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
+                                    const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
+                                    CIN_T *CIN_RESTRICT s2)
+{
+    typedef CIN_FN(cin_vec) V;
+    for (ptrdiff_t c = 0; c < w; c++) { s1[c] = 0; s2[c] = 0; }
+    for (ptrdiff_t r = 0; r < nb; r += CIN_CL_SEQ_ROWS) {
+        int m = nb - r < CIN_CL_SEQ_ROWS ? (int)(nb - r) : CIN_CL_SEQ_ROWS;
+        const CIN_T *xr = x + r * ld, *gr = g ? g + r * ld : NULL;
+        ptrdiff_t c = 0;
+        for (; c + CIN_VLEN <= w; c += CIN_VLEN) {
+            V kv = CIN_FN(cin_load)(k + c);
+            V a = CIN_FN(cin_load)(s1 + c), q = CIN_FN(cin_load)(s2 + c);
+            for (int t = 0; t < m; t++) {
+                V d = CIN_FN(cin_load)(xr + t * ld + c) - kv;
+                if (g) {
+                    V gv = CIN_FN(cin_load)(gr + t * ld + c);
+                    a += gv;
+                    q += gv * d;
+                } else {
+                    a += d;
+                    q += d * d;
+                }
+            }
+            memcpy(s1 + c, &a, sizeof(V));
+            memcpy(s2 + c, &q, sizeof(V));
+        }
+        for (; c < w; c++)
+            for (int t = 0; t < m; t++) {
+                CIN_T d = xr[t * ld + c] - k[c];
+                if (g) { s1[c] += gr[t * ld + c]; s2[c] += gr[t * ld + c] * d; }
+                else { s1[c] += d; s2[c] += d * d; }
+            }
+    }
+}
+#undef CIN_CL_SEQ_ROWS
+
+/* seq: rows in order (cin_cl_row_sums) instead of register tiles. */
 static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
                                       ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
                                       const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
-                                      CIN_T *CIN_RESTRICT s2)
+                                      CIN_T *CIN_RESTRICT s2, int seq)
 {
     typedef CIN_FN(cin_vec) V;
     ptrdiff_t c = 0;
+    if (seq) {
+        CIN_FN(cin_cl_row_sums)(x, g, nb, w, ld, k, s1, s2);
+        return;
+    }
     for (; c + 4 * CIN_VLEN <= w; c += 4 * CIN_VLEN) CIN_CL_TILE(4);
     for (; c + 2 * CIN_VLEN <= w; c += 2 * CIN_VLEN) CIN_CL_TILE(2);
     for (; c + CIN_VLEN <= w; c += CIN_VLEN) CIN_CL_TILE(1);
@@ -384,22 +432,23 @@ static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *
  * around a per-lane shift k[c] (the mean of the first CIN_CL_HEAD rows, then the running mean)
  * and merged across blocks in double (Chan): one pass over x, plus the head rows, which the pass
  * then finds in cache.  A shift within a fraction of a standard deviation of the mean keeps
- * float32 sums free of cancellation.  s1, s2, k: scratch of w elements each. */
+ * float32 sums free of cancellation.  s1, s2, k: scratch of w elements each; seq: see
+ * cin_cl_block_sums. */
 #define CIN_CL_HEAD 32
 static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, ptrdiff_t w,
                                  ptrdiff_t ld, CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2)
+                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2, int seq)
 {
     ptrdiff_t head = rows < CIN_CL_HEAD ? rows : CIN_CL_HEAD;
     for (ptrdiff_t c = 0; c < w; c++) { k[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
     if (head > 0) {
-        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2);
+        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, seq);
         for (ptrdiff_t c = 0; c < w; c++) k[c] = (CIN_T)((double)s1[c] / (double)head);
     }
     double cnt = 0.0;
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
-        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2);
+        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2, seq);
         /* Chan's merge of this block into the running (cnt, mean, m2), with the divisions
          * hoisted: every lane has the same counts. */
         double inv_nb = 1.0 / (double)nb, f = (double)nb / (cnt + (double)nb), g = cnt * f;
@@ -420,17 +469,18 @@ static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, pt
 #undef CIN_CL_HEAD
 
 /* Per-lane backward sums: sdy[c] = sum(dy), sdyx[c] = sum(dy * (x - k[c])), in CIN_T within
- * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks.  s1, s2: scratch of w. */
+ * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks.  s1, s2: scratch of w; seq: see
+ * cin_cl_block_sums. */
 static void CIN_FN(cin_cl_backward_sums)(const CIN_T *CIN_RESTRICT dy,
                                          const CIN_T *CIN_RESTRICT x, ptrdiff_t rows,
                                          ptrdiff_t w, ptrdiff_t ld, const CIN_T *CIN_RESTRICT k,
                                          CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                         double *sdy, double *sdyx)
+                                         double *sdy, double *sdyx, int seq)
 {
     for (ptrdiff_t c = 0; c < w; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BWD_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BWD_BLOCK ? rows - b : CIN_CL_BWD_BLOCK;
-        CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2);
+        CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2, seq);
         for (ptrdiff_t c = 0; c < w; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
     }
 }

@@ -43,6 +43,11 @@
 /* Rows per block of the channels-last backward sums: each lane sums one product per row, so
  * shorter runs than the statistics' keep the float32 error of sum(dy * (x - k)) small. */
 #define CIN_CL_BWD_BLOCK 64
+/* Rows the channels-last sums read per step (cin_cl_block_sums): four interleaved rows of x
+ * for the statistics, one row each of dy and x for the backward (of 1 and 4, each measured
+ * faster for its pass on the Zen 3 development VM). */
+#define CIN_CL_STATS_STEP 4
+#define CIN_CL_BWD_STEP 1
 
 /* Merge a group (n_b, mean_b, m2_b) into the running (n, mean, m2): Chan's parallel formula. */
 static inline void cin_chan_merge(double *n, double *mean, double *m2,
@@ -125,11 +130,11 @@ static inline void cin_store_fence(void)
                                const double *, ptrdiff_t, const double *, ptrdiff_t,            \
                                const double *, ptrdiff_t, int, double *, double *, int);        \
     void (*cl_stats_##S)(const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, T *, T *, T *, double *,   \
-                         double *, int);                                                        \
+                         double *);                                                             \
     void (*cl_normalize_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *,        \
                              const T *, const T *, int);                                        \
     void (*cl_backward_sums_##S)(const T *, const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,         \
-                                 const T *, T *, T *, double *, double *, int);                 \
+                                 const T *, T *, T *, double *, double *);                      \
     void (*cl_backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,      \
                                const T *, const T *, const T *, const T *, int);
 
@@ -230,16 +235,16 @@ static const char *cin_isa_name(void) { return cin_k->name; }
     { cin_k->small_backward_##S(dy, x, dx, n, L, p0, m, m_n, r, r_n, w, w_n, use, sdy, sdyx,   \
                                 st); }                                                          \
     static inline void cin_cl_stats_##S(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld,  \
-                                        T *s1, T *s2, T *k, double *mean, double *m2, int sq)   \
-    { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2, sq); }                           \
+                                        T *s1, T *s2, T *k, double *mean, double *m2)           \
+    { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2); }                               \
     static inline void cin_cl_normalize_##S(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,      \
                                             ptrdiff_t ld, const T *k, const T *a, const T *b,   \
                                             int st)                                             \
     { cin_k->cl_normalize_##S(x, y, rows, w, ld, k, a, b, st); }                                \
     static inline void cin_cl_backward_sums_##S(const T *dy, const T *x, ptrdiff_t rows,        \
                                                 ptrdiff_t w, ptrdiff_t ld, const T *k, T *s1,   \
-                                                T *s2, double *sdy, double *sdyx, int sq)       \
-    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, sq); }              \
+                                                T *s2, double *sdy, double *sdyx)               \
+    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx); }                  \
     static inline void cin_cl_backward_dx_##S(const T *dy, const T *x, T *dx, ptrdiff_t rows,   \
                                               ptrdiff_t w, ptrdiff_t ld, const T *k,            \
                                               const T *a, const T *b, const T *cc, int st)      \

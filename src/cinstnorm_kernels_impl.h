@@ -305,71 +305,37 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
  * ld == w for whole rows of C channels (or super-rows of R*C), ld == C for a tile of w
  * channels out of C. */
 
-/* The tile walks down rows ld elements apart, a stride the hardware prefetchers follow badly:
- * fetch the tile's lines about 1 KiB of tile data ahead (a prefetch never faults, so reading
- * past the rows is harmless). */
-#define CIN_CL_AHEAD(NV) (1024 / ((NV) * CIN_VEC_BYTES) > 4 ? 1024 / ((NV) * CIN_VEC_BYTES) : 4)
-#define CIN_CL_PREFETCH(row, NV)                                                                   \
-    do {                                                                                           \
-        for (int l = 0; l < (int)((NV) * CIN_VEC_BYTES); l += 64)                                  \
-            __builtin_prefetch((const char *)((row) + CIN_CL_AHEAD(NV) * ld) + l, 0, 3);           \
-    } while (0)
-
 /* Per-lane sums over nb rows: s1[c] = sum(x - k[c]) and s2[c] = sum((x - k[c])^2), or, with g
- * (the backward pass), s1[c] = sum(g) and s2[c] = sum(g * (x - k[c])), all in CIN_T.  Lanes go
- * in tiles of four, two or one vectors whose accumulators stay in registers while the tile
- * walks down the rows, then scalar lanes. */
-#define CIN_CL_TILE(NV)                                                                            \
-    do {                                                                                           \
-        V kv[NV], a[NV], q[NV];                                                                    \
-        for (int t = 0; t < NV; t++) {                                                             \
-            kv[t] = CIN_FN(cin_load)(k + c + t * CIN_VLEN);                                        \
-            a[t] = (V){0};                                                                         \
-            q[t] = (V){0};                                                                         \
-        }                                                                                          \
-        if (g) {                                                                                   \
-            for (ptrdiff_t r = 0; r < nb; r++) {                                                   \
-                const CIN_T *xr = x + r * ld + c, *gr = g + r * ld + c;                            \
-                CIN_CL_PREFETCH(xr, NV);                                                           \
-                CIN_CL_PREFETCH(gr, NV);                                                           \
-                for (int t = 0; t < NV; t++) {                                                     \
-                    V gv = CIN_FN(cin_load)(gr + t * CIN_VLEN);                                    \
-                    a[t] += gv;                                                                    \
-                    q[t] += gv * (CIN_FN(cin_load)(xr + t * CIN_VLEN) - kv[t]);                    \
-                }                                                                                  \
-            }                                                                                      \
-        } else {                                                                                   \
-            for (ptrdiff_t r = 0; r < nb; r++) {                                                   \
-                const CIN_T *xr = x + r * ld + c;                                                  \
-                CIN_CL_PREFETCH(xr, NV);                                                           \
-                for (int t = 0; t < NV; t++) {                                                     \
-                    V d = CIN_FN(cin_load)(xr + t * CIN_VLEN) - kv[t];                             \
-                    a[t] += d;                                                                     \
-                    q[t] += d * d;                                                                 \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-        for (int t = 0; t < NV; t++) {                                                             \
-            memcpy(s1 + c + t * CIN_VLEN, &a[t], sizeof(V));                                       \
-            memcpy(s2 + c + t * CIN_VLEN, &q[t], sizeof(V));                                       \
-        }                                                                                          \
-    } while (0)
-
-/* The same sums with the rows read in order, CIN_CL_SEQ_ROWS at a time, the per-lane partial
- * sums living in s1 and s2 (in L1) between groups of rows: every array streams forward, which
- * is what the prefetchers follow best when x comes from DRAM.  Each lane adds its rows in the
- * same order as the tiles do. */
-#define CIN_CL_SEQ_ROWS 4
-static void CIN_FN(cin_cl_row_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
-                                    ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
-                                    const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
-                                    CIN_T *CIN_RESTRICT s2)
+ * (the backward pass), s1[c] = sum(g) and s2[c] = sum(g * (x - k[c])), all in CIN_T.  The rows
+ * are read in order, `step` rows at a time, the per-lane partial sums living in s1 and s2 (in
+ * L1) between steps: every array is read forward, and software prefetches run about
+ * CIN_CL_PF_BYTES ahead of each, so the loads seldom wait for memory (the stores to s1 and s2
+ * would otherwise queue behind a missing load and keep the core from running ahead).  Each lane
+ * adds its rows in order.  (Register tiles of lanes walking down the rows, which need no
+ * stores, read a row's lines in a stride the prefetchers do not follow: up to 1.4x slower.) */
+#define CIN_CL_PF_BYTES 4096
+static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
+                                      ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
+                                      const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
+                                      CIN_T *CIN_RESTRICT s2, int step)
 {
     typedef CIN_FN(cin_vec) V;
+    ptrdiff_t row_bytes = w * (ptrdiff_t)sizeof(CIN_T);
+    ptrdiff_t ahead = CIN_CL_PF_BYTES / (ld * (ptrdiff_t)sizeof(CIN_T));
+    if (ahead < 1) ahead = 1;
     for (ptrdiff_t c = 0; c < w; c++) { s1[c] = 0; s2[c] = 0; }
-    for (ptrdiff_t r = 0; r < nb; r += CIN_CL_SEQ_ROWS) {
-        int m = nb - r < CIN_CL_SEQ_ROWS ? (int)(nb - r) : CIN_CL_SEQ_ROWS;
+    for (ptrdiff_t r = 0; r < nb; r += step) {
+        int m = nb - r < step ? (int)(nb - r) : step;
         const CIN_T *xr = x + r * ld, *gr = g ? g + r * ld : NULL;
+        for (int t = 0; t < m; t++) {
+            /* a prefetch never faults, so running past the rows is harmless */
+            const char *px = (const char *)(xr + (t + ahead) * ld);
+            for (ptrdiff_t l = 0; l < row_bytes; l += 64) __builtin_prefetch(px + l, 0, 3);
+            if (g) {
+                const char *pg = (const char *)(gr + (t + ahead) * ld);
+                for (ptrdiff_t l = 0; l < row_bytes; l += 64) __builtin_prefetch(pg + l, 0, 3);
+            }
+        }
         ptrdiff_t c = 0;
         for (; c + CIN_VLEN <= w; c += CIN_VLEN) {
             V kv = CIN_FN(cin_load)(k + c);
@@ -396,59 +362,28 @@ static void CIN_FN(cin_cl_row_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CI
             }
     }
 }
-#undef CIN_CL_SEQ_ROWS
-
-/* seq: rows in order (cin_cl_row_sums) instead of register tiles. */
-static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
-                                      ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
-                                      const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
-                                      CIN_T *CIN_RESTRICT s2, int seq)
-{
-    typedef CIN_FN(cin_vec) V;
-    ptrdiff_t c = 0;
-    if (seq) {
-        CIN_FN(cin_cl_row_sums)(x, g, nb, w, ld, k, s1, s2);
-        return;
-    }
-    for (; c + 4 * CIN_VLEN <= w; c += 4 * CIN_VLEN) CIN_CL_TILE(4);
-    for (; c + 2 * CIN_VLEN <= w; c += 2 * CIN_VLEN) CIN_CL_TILE(2);
-    for (; c + CIN_VLEN <= w; c += CIN_VLEN) CIN_CL_TILE(1);
-    for (; c < w; c++) {
-        CIN_T a = 0, q = 0;
-        for (ptrdiff_t r = 0; r < nb; r++) {
-            CIN_T d = x[r * ld + c] - k[c];
-            if (g) { a += g[r * ld + c]; q += g[r * ld + c] * d; }
-            else { a += d; q += d * d; }
-        }
-        s1[c] = a;
-        s2[c] = q;
-    }
-}
-#undef CIN_CL_TILE
-#undef CIN_CL_PREFETCH
-#undef CIN_CL_AHEAD
+#undef CIN_CL_PF_BYTES
 
 /* Per-lane statistics: mean[c] and m2[c].  Blocks of CIN_CL_BLOCK rows are summed in CIN_T
  * around a per-lane shift k[c] (the mean of the first CIN_CL_HEAD rows, then the running mean)
  * and merged across blocks in double (Chan): one pass over x, plus the head rows, which the pass
  * then finds in cache.  A shift within a fraction of a standard deviation of the mean keeps
- * float32 sums free of cancellation.  s1, s2, k: scratch of w elements each; seq: see
- * cin_cl_block_sums. */
+ * float32 sums free of cancellation.  s1, s2, k: scratch of w elements each. */
 #define CIN_CL_HEAD 32
 static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, ptrdiff_t w,
                                  ptrdiff_t ld, CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2, int seq)
+                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2)
 {
     ptrdiff_t head = rows < CIN_CL_HEAD ? rows : CIN_CL_HEAD;
     for (ptrdiff_t c = 0; c < w; c++) { k[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
     if (head > 0) {
-        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, seq);
+        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, CIN_CL_STATS_STEP);
         for (ptrdiff_t c = 0; c < w; c++) k[c] = (CIN_T)((double)s1[c] / (double)head);
     }
     double cnt = 0.0;
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
-        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2, seq);
+        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2, CIN_CL_STATS_STEP);
         /* Chan's merge of this block into the running (cnt, mean, m2), with the divisions
          * hoisted: every lane has the same counts. */
         double inv_nb = 1.0 / (double)nb, f = (double)nb / (cnt + (double)nb), g = cnt * f;
@@ -469,18 +404,18 @@ static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, pt
 #undef CIN_CL_HEAD
 
 /* Per-lane backward sums: sdy[c] = sum(dy), sdyx[c] = sum(dy * (x - k[c])), in CIN_T within
- * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks.  s1, s2: scratch of w; seq: see
- * cin_cl_block_sums. */
+ * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks.  s1, s2: scratch of w. */
 static void CIN_FN(cin_cl_backward_sums)(const CIN_T *CIN_RESTRICT dy,
                                          const CIN_T *CIN_RESTRICT x, ptrdiff_t rows,
                                          ptrdiff_t w, ptrdiff_t ld, const CIN_T *CIN_RESTRICT k,
                                          CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                         double *sdy, double *sdyx, int seq)
+                                         double *sdy, double *sdyx)
 {
     for (ptrdiff_t c = 0; c < w; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BWD_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BWD_BLOCK ? rows - b : CIN_CL_BWD_BLOCK;
-        CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2, seq);
+        CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2,
+                                  CIN_CL_BWD_STEP);
         for (ptrdiff_t c = 0; c < w; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
     }
 }

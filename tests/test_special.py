@@ -126,7 +126,9 @@ def test_float32_accuracy_at_mean_1e5(rng, shape, affine, n_threads):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("shape", [(4, 40, 17, 19), (2, 3, 300, 301), (2, 200, 16, 16),
-                                   (3, 24, 2000), (1, 5, 4, 30, 30)])
+                                   (3, 24, 2000), (1, 5, 4, 30, 30),
+                                   # short samples: a shift from 4 rows (64 rows) or from 1 row
+                                   (8, 256, 8, 8), (3, 7, 2, 3), (2, 16, 15)])
 def test_float32_accuracy_at_mean_1e5_channels_last(rng, shape, n_threads):
     # the channels-last kernels (statistics, forward and backward) keep the same bound
     perm = (0,) + tuple(range(2, len(shape))) + (1,)

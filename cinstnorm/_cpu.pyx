@@ -15,7 +15,7 @@ per-chunk partial results, a second merges them per plane, and a third loop over
 finishes each chunk on the thread that just read it.
 """
 cimport cython
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
 
 import numpy as np
@@ -639,10 +639,13 @@ class _ClPlan:
         self.k = 1 if self.fused else _cl_chunks(self.G, L, self.n_threads)
         self.R = _cl_replicas(C)
         RC = self.R * C
-        self.scratch = np.empty((N * self.k, 3, RC), dtype=dt)
-        self.coef = np.empty((4, N, RC + CL_PAD), dtype=dt)
+        # fused: one set of buffers per thread, reused sample after sample (fewer fresh pages
+        # per call); otherwise scratch and partial results per item, coefficients per sample
+        items = self.n_threads if self.fused else N * self.k
+        self.scratch = np.empty((items, 3, RC), dtype=dt)
+        self.coef = np.empty((4, self.n_threads if self.fused else N, RC + CL_PAD), dtype=dt)
         # partial results per item: RC virtual channels, then C for the leftover rows
-        self.part = np.empty((2, N * self.k, RC + C), dtype=np.float64)
+        self.part = np.empty((2, items, RC + C), dtype=np.float64)
 
 
 cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
@@ -705,33 +708,34 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     fused (k == 1): each thread takes whole samples through all three steps, no barrier."""
     cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
-    cdef Py_ssize_t i, n, c, p, lo, full, rem
+    cdef Py_ssize_t i, n, c, p, lo, full, rem, t
     cdef double m, m2
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
         if fused:
             for n in prange(g0, g1, schedule='static'):
+                t = threadid()  # this thread's buffers
                 full = L // R
                 rem = L % R
                 if use_input_stats:
-                    _cl_item_stats(&x[n, 0, 0], full, rem, R, C, &scratch[n, 0, 0],
-                                   &part[0, n, 0], &part[1, n, 0])
+                    _cl_item_stats(&x[n, 0, 0], full, rem, R, C, &scratch[t, 0, 0],
+                                   &part[0, t, 0], &part[1, t, 0])
                 for c in range(C):
                     p = n * C + c
                     if use_input_stats:
                         # assigned here so that prange keeps them thread-private
-                        m = part[0, n, c]  # R == 1: one piece, nothing to merge
-                        m2 = part[1, n, c]
+                        m = part[0, t, c]  # R == 1: one piece, nothing to merge
+                        m2 = part[1, t, c]
                         if R > 1:
-                            _cl_channel_stats(&part[0, n, 0], &part[1, n, 0], RC + C, 1, L, R, C,
+                            _cl_channel_stats(&part[0, t, 0], &part[1, t, 0], RC + C, 1, L, R, C,
                                               c, &m, &m2)
                         mean[p] = m
                         var[p] = m2 / <double>L
                         rstd[p] = 1.0 / sqrt(var[p] + eps)
-                    _cl_fwd_coefficients(&coef[0, n, 0], T, c, C, RC, mean[p], rstd[p],
+                    _cl_fwd_coefficients(&coef[0, t, 0], T, c, C, RC, mean[p], rstd[p],
                                          _param_pc(weight, p, c, 1.0),
                                          _param_pc(bias, p, c, 0.0))
-                _cl_item_normalize(&x[n, 0, 0], &y[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
+                _cl_item_normalize(&x[n, 0, 0], &y[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
                                    T, stream)
         else:
             if use_input_stats:
@@ -871,33 +875,34 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
     thread takes whole samples through all the steps, no barrier."""
     cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
-    cdef Py_ssize_t i, n, c, p, lo, full, rem
+    cdef Py_ssize_t i, n, c, p, lo, full, rem, t
     cdef double sg, sx
     with nogil, parallel(num_threads=n_threads):
         _record_team_size()
         if fused:
             for n in prange(g0, g1, schedule='static'):
+                t = threadid()  # this thread's buffers
                 full = L // R
                 rem = L % R
                 for c in range(C):
-                    _set_lanes(&coef[0, n, 0], c, C, RC,
+                    _set_lanes(&coef[0, t, 0], c, C, RC,
                                <floating>_param_pc(mean, n * C + c, c, 0.0))
-                _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, n, 0],
-                              &scratch[n, 0, 0], &part[0, n, 0], &part[1, n, 0])
+                _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
+                              &scratch[t, 0, 0], &part[0, t, 0], &part[1, t, 0])
                 for c in range(C):
                     p = n * C + c
                     # assigned here so that prange keeps them thread-private
-                    sg = part[0, n, c]  # R == 1: one piece (the leftover part is empty)
-                    sx = part[1, n, c]
+                    sg = part[0, t, c]  # R == 1: one piece (the leftover part is empty)
+                    sx = part[1, t, c]
                     if R > 1:
-                        _cl_channel_sums(&part[0, n, 0], &part[1, n, 0], RC + C, 1, R, C, c, &sg,
+                        _cl_channel_sums(&part[0, t, 0], &part[1, t, 0], RC + C, 1, R, C, c, &sg,
                                          &sx)
-                    _cl_bwd_channel(&coef[0, n, 0], T, c, C, RC, L, sg, sx,
+                    _cl_bwd_channel(&coef[0, t, 0], T, c, C, RC, L, sg, sx,
                                     _param_pc(mean, p, c, 0.0), _param_pc(rstd, p, c, 1.0),
                                     _param_pc(weight, p, c, 1.0), use_input_stats, &sum_dy[p],
                                     &sum_dy_xhat[p])
                 _cl_item_dx(&dy[n, 0, 0], &x[n, 0, 0], &dx[n, 0, 0], full, rem, R, C,
-                            &coef[0, n, 0], T, use_input_stats, stream)
+                            &coef[0, t, 0], T, use_input_stats, stream)
         else:
             for p in prange(g0 * C, g1 * C, schedule='static'):
                 _set_lanes(&coef[0, p // C, 0], p % C, C, RC, <floating>_param(mean, p, 0.0))

@@ -686,15 +686,31 @@ def _parse_args(argv):
     return args
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU's model name (from ``cpuinfo`` on Linux, else what ``platform`` knows), or None."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _environment(threads: int, repeat: int, torch) -> dict:
     import cinstnorm as cin
+    from . import _cpu
+    from ._config import last_level_cache_bytes
 
     return {
         "threads": threads, "repeat": repeat, "cores": available_cores(),
         "cinstnorm": getattr(cin, "__version__", None), "numpy": np.__version__,
         "torch": None if torch is None else torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        "processor": cpu_model(), "simd_path": _cpu.simd_path(),
+        "llc_bytes": last_level_cache_bytes(),
     }
 
 
@@ -751,7 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch_note = (f"torch {env['torch']} ({args.threads} threads)" if torch is not None
                   else "torch not installed")
     print(f"cinstnorm bench: {args.threads} thread(s), best of {args.repeat}; "
-          f"numpy {env['numpy']}, {torch_note}")
+          f"numpy {env['numpy']}, {torch_note}\n{env['processor'] or 'unknown CPU'}, "
+          f"SIMD path {env['simd_path']}, last-level cache {env['llc_bytes'] >> 20} MiB")
     if run_cpu:
         print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
               "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for "

@@ -12,6 +12,7 @@ import pytest
 
 import cinstnorm as cin
 from cinstnorm import _bench
+from cinstnorm._config import last_level_cache_bytes
 
 TINY = {"unit1d": (2, 3, 16), "unit": (2, 3, 8, 8), "unit3d": (2, 3, 4, 4, 4)}
 
@@ -190,6 +191,20 @@ def test_end_to_end_json(tiny_shapes, capsys, tmp_path):
     geomean = result["channels_last_geomean"]
     assert set(geomean) == set(cases[0]["ratios"])
     assert math.isfinite(geomean["forward:cl/nchw"]) and geomean["forward:cl/nchw"] > 0
+    # the machine facts that make results of different machines comparable
+    env = result["environment"]
+    assert env["simd_path"] == cin._cpu.simd_path()
+    assert env["llc_bytes"] == last_level_cache_bytes() > 0
+    assert env["processor"] == _bench.cpu_model()
+    assert f"SIMD path {env['simd_path']}" in out.splitlines()[1]
+
+
+def test_cpu_model_reads_the_model_name(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU @ 2.0GHz\n")
+    assert _bench.cpu_model(str(cpuinfo)) == "Example CPU @ 2.0GHz"
+    monkeypatch.setattr(_bench.platform, "processor", lambda: "")
+    assert _bench.cpu_model(str(tmp_path / "missing")) is None
 
 
 def test_no_channels_last_skips_the_table(tiny_shapes, capsys, tmp_path):

@@ -641,13 +641,13 @@ class _ClPlan:
         self.k = 1 if self.fused else _cl_chunks(self.G, L, self.n_threads)
         self.R = _cl_replicas(C)
         RC = self.R * C
-        # fused: one set of buffers per thread, reused sample after sample (fewer fresh pages
-        # per call); otherwise scratch and partial results per item, coefficients per sample
-        items = self.n_threads if self.fused else N * self.k
-        self.scratch = np.empty((items, 3, RC), dtype=dt)
-        self.coef = np.empty((4, self.n_threads if self.fused else N, RC + CL_PAD), dtype=dt)
+        # buffers per sample (coefficients) and per item (scratch, partial results); fused
+        # (k == 1): per thread instead, reused sample after sample (fewer fresh pages per call)
+        owners = self.n_threads if self.fused else N
+        self.scratch = np.empty((owners * self.k, 3, RC), dtype=dt)
+        self.coef = np.empty((4, owners, RC + CL_PAD), dtype=dt)
         # partial results per item: RC virtual channels, then C for the leftover rows
-        self.part = np.empty((2, items, RC + C), dtype=np.float64)
+        self.part = np.empty((2, owners * self.k, RC + C), dtype=np.float64)
 
 
 cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)

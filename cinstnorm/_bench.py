@@ -702,7 +702,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
 def _environment(threads: int, repeat: int, torch) -> dict:
     import cinstnorm as cin
     from . import _cpu
-    from ._config import last_level_cache_bytes
+    from ._config import l2_cache_bytes, last_level_cache_bytes
 
     return {
         "threads": threads, "repeat": repeat, "cores": available_cores(),
@@ -710,7 +710,7 @@ def _environment(threads: int, repeat: int, torch) -> dict:
         "torch": None if torch is None else torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
         "processor": cpu_model(), "simd_path": _cpu.simd_path(),
-        "llc_bytes": last_level_cache_bytes(),
+        "llc_bytes": last_level_cache_bytes(), "l2_bytes": l2_cache_bytes(),
     }
 
 
@@ -768,7 +768,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   else "torch not installed")
     print(f"cinstnorm bench: {args.threads} thread(s), best of {args.repeat}; "
           f"numpy {env['numpy']}, {torch_note}\n{env['processor'] or 'unknown CPU'}, "
-          f"SIMD path {env['simd_path']}, last-level cache {env['llc_bytes'] >> 20} MiB")
+          f"SIMD path {env['simd_path']}, L2 {env['l2_bytes'] >> 10} KiB per core, "
+          f"last-level cache {env['llc_bytes'] >> 20} MiB")
     if run_cpu:
         print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
               "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for "

@@ -11,32 +11,59 @@ from . import _cpu
 _user_threads: Optional[int] = None
 
 DEFAULT_LLC_BYTES = 32 * 1024 * 1024
+DEFAULT_L2_BYTES = 512 * 1024
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the last-level cache (L3, else L2) as the OS reports it, else 32 MiB."""
-    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def _cache_bytes(sysconf_names, sysfs_levels, sysfs=SYSFS_CACHE) -> int:
+    """A cache's size from sysconf, else from sysfs (cpu0's data or unified cache of that
+    level), else 0."""
+    for name in sysconf_names:
         try:
             size = os.sysconf(name)
         except (ValueError, OSError, AttributeError):
             size = 0
         if size and size > 0:
             return int(size)
-    for index in (3, 2):
-        path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
-        try:
-            with open(path) as f:
-                text = f.read().strip().upper()
-        except OSError:
-            continue
-        units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
-        if text and text[-1] in units and text[:-1].isdigit():
-            return int(text[:-1]) * units[text[-1]]
-    return DEFAULT_LLC_BYTES
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    try:
+        entries = sorted(os.listdir(sysfs))
+    except OSError:
+        return 0
+    for level in sysfs_levels:
+        for entry in entries:
+            try:
+                with open(f"{sysfs}/{entry}/level") as f:
+                    if f.read().strip() != str(level):
+                        continue
+                with open(f"{sysfs}/{entry}/type") as f:
+                    if f.read().strip() == "Instruction":
+                        continue
+                with open(f"{sysfs}/{entry}/size") as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            if text and text[-1] in units and text[:-1].isdigit():
+                return int(text[:-1]) * units[text[-1]]
+    return 0
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the last-level cache (L3, else L2) as the OS reports it, else 32 MiB."""
+    return (_cache_bytes(("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"), (3, 2))
+            or DEFAULT_LLC_BYTES)
+
+
+def l2_cache_bytes() -> int:
+    """Size of one core's L2 as the OS reports it, else 512 KiB."""
+    return _cache_bytes(("SC_LEVEL2_CACHE_SIZE",), (2,)) or DEFAULT_L2_BYTES
 
 
 def configure_kernels_from_env() -> None:
-    """Apply CINSTNORM_SIMD (auto|baseline|avx2|avx512) and CINSTNORM_STREAM_MIN_BYTES.
+    """Apply CINSTNORM_SIMD (auto|baseline|avx2|avx512) and CINSTNORM_STREAM_MIN_BYTES, and
+    tell the kernels the L2 size (which sizes the channels-last sample groups).
 
     Streaming (non-temporal) stores are used for outputs larger than the last-level cache by
     default: below that, the output is better left in cache for whoever reads it next.
@@ -47,6 +74,7 @@ def configure_kernels_from_env() -> None:
     except ValueError as exc:
         warnings.warn(f"CINSTNORM_SIMD: {exc}; using auto", RuntimeWarning, stacklevel=2)
         _cpu.select_simd("auto")
+    _cpu.set_l2_bytes(l2_cache_bytes())
     stream = os.environ.get("CINSTNORM_STREAM_MIN_BYTES", "").strip()
     try:
         _cpu.set_stream_min_bytes(int(stream) if stream else last_level_cache_bytes())

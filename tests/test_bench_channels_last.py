@@ -12,7 +12,7 @@ import pytest
 
 import cinstnorm as cin
 from cinstnorm import _bench
-from cinstnorm._config import last_level_cache_bytes
+from cinstnorm._config import l2_cache_bytes, last_level_cache_bytes
 
 TINY = {"unit1d": (2, 3, 16), "unit": (2, 3, 8, 8), "unit3d": (2, 3, 4, 4, 4)}
 
@@ -195,6 +195,7 @@ def test_end_to_end_json(tiny_shapes, capsys, tmp_path):
     env = result["environment"]
     assert env["simd_path"] == cin._cpu.simd_path()
     assert env["llc_bytes"] == last_level_cache_bytes() > 0
+    assert env["l2_bytes"] == l2_cache_bytes() > 0
     assert env["processor"] == _bench.cpu_model()
     assert f"SIMD path {env['simd_path']}" in out.splitlines()[1]
 

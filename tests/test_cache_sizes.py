@@ -1,0 +1,76 @@
+"""The cache sizes that size the work splits: read from sysconf, else from sysfs, else a
+default; and handed to the kernels at import."""
+
+import os
+
+import pytest
+
+import cinstnorm  # noqa: F401  (configures the kernels)
+from cinstnorm import _config, _cpu
+
+
+def _fake_sysfs(root, caches):
+    """cpu0's cache directory with (level, type, size) entries, as Linux lays it out."""
+    for i, (level, kind, size) in enumerate(caches):
+        d = root / f"index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    return str(root)
+
+
+@pytest.fixture
+def no_sysconf(monkeypatch):
+    def refuse(name):
+        raise ValueError(name)
+    monkeypatch.setattr(os, "sysconf", refuse)
+
+
+INTEL = [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+         (3, "Unified", "307200K")]
+
+
+def test_sysfs_levels(tmp_path, no_sysconf):
+    root = _fake_sysfs(tmp_path, INTEL)
+    assert _config._cache_bytes((), (2,), root) == 2 * 1024 ** 2
+    assert _config._cache_bytes((), (3, 2), root) == 300 * 1024 ** 2
+    # level 1: the data cache, not the instruction cache listed after it
+    assert _config._cache_bytes((), (1,), root) == 48 * 1024
+
+
+def test_sysfs_fallback_order_and_missing(tmp_path, no_sysconf):
+    root = _fake_sysfs(tmp_path, INTEL[:3])  # no L3: the LLC is the L2
+    assert _config._cache_bytes((), (3, 2), root) == 2 * 1024 ** 2
+    assert _config._cache_bytes((), (3,), root) == 0
+    assert _config._cache_bytes((), (2,), str(tmp_path / "absent")) == 0
+
+
+def test_sysfs_unreadable_sizes_are_skipped(tmp_path, no_sysconf):
+    root = _fake_sysfs(tmp_path, [(2, "Unified", "lots"), (2, "Unified", "1M")])
+    assert _config._cache_bytes((), (2,), root) == 1024 ** 2
+
+
+def test_sysconf_comes_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_LEVEL2_CACHE_SIZE": 1 << 20}.get(name, 0))
+    root = _fake_sysfs(tmp_path, INTEL)
+    assert _config._cache_bytes(("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"), (3,),
+                                root) == 1 << 20
+
+
+def test_defaults_when_nothing_is_known(monkeypatch, no_sysconf, tmp_path):
+    monkeypatch.setattr(_config, "SYSFS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_config._cache_bytes, "__defaults__", (str(tmp_path),))
+    assert _config.l2_cache_bytes() == _config.DEFAULT_L2_BYTES
+    assert _config.last_level_cache_bytes() == _config.DEFAULT_LLC_BYTES
+
+
+def test_kernels_get_the_l2_size():
+    assert _cpu.l2_bytes() == _config.l2_cache_bytes() > 0
+    assert cinstnorm.config()["l2_bytes"] == _cpu.l2_bytes()
+    before = _cpu.l2_bytes()
+    try:
+        _cpu.set_l2_bytes(-5)
+        assert _cpu.l2_bytes() == 0
+    finally:
+        _cpu.set_l2_bytes(before)

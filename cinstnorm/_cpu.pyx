@@ -72,9 +72,9 @@ cdef extern from "cinstnorm_kernels.h" nogil:
     void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a, int stream)
     void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a, int stream)
     void cin_cl_stats_f(const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
-                        float *s1, float *s2, float *k, double *mean, double *m2)
+                        float *s1, float *s2, float *k, double *mean, double *m2, int pf)
     void cin_cl_stats_d(const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
-                        double *s1, double *s2, double *k, double *mean, double *m2)
+                        double *s1, double *s2, double *k, double *mean, double *m2, int pf)
     void cin_cl_normalize_f(const float *x, float *y, Py_ssize_t rows, Py_ssize_t w,
                             Py_ssize_t ld, const float *k, const float *a, const float *b,
                             int stream)
@@ -83,10 +83,10 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                             int stream)
     void cin_cl_backward_sums_f(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t w,
                                 Py_ssize_t ld, const float *k, float *s1, float *s2,
-                                double *sdy, double *sdyx)
+                                double *sdy, double *sdyx, int pf)
     void cin_cl_backward_sums_d(const double *dy, const double *x, Py_ssize_t rows,
                                 Py_ssize_t w, Py_ssize_t ld, const double *k, double *s1,
-                                double *s2, double *sdy, double *sdyx)
+                                double *s2, double *sdy, double *sdyx, int pf)
     void cin_cl_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const float *k, const float *a,
                               const float *b, const float *cc, int stream)
@@ -506,6 +506,10 @@ cdef enum:
     CL_ITEMS_PER_THREAD = 2
     # Samples (all arrays read) up to this size go whole to one thread: with the output, twice
     # this per thread stays in that core's L2 and its share of the LLC between the two reads.
+    # Their sums run without software prefetches: a sample is one short forward run per array,
+    # which the hardware prefetchers follow, and the prefetch instructions cost more than they
+    # save (on a Xeon VM, paired: tiny float64 7 to 8 % faster without, the other fused shapes
+    # unchanged; the larger, row-block items were 3 to 13 % slower without).
     CL_FUSE_BYTES = 1024 * 1024
 
 
@@ -525,11 +529,11 @@ cdef inline Py_ssize_t _row_start(Py_ssize_t L, Py_ssize_t k, Py_ssize_t j) noex
 
 cdef inline void _cl_stats(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
                            floating *s1, floating *s2, floating *k, double *mean,
-                           double *m2) noexcept nogil:
+                           double *m2, int pf) noexcept nogil:
     if floating is float:
-        cin_cl_stats_f(x, rows, w, ld, s1, s2, k, mean, m2)
+        cin_cl_stats_f(x, rows, w, ld, s1, s2, k, mean, m2, pf)
     else:
-        cin_cl_stats_d(x, rows, w, ld, s1, s2, k, mean, m2)
+        cin_cl_stats_d(x, rows, w, ld, s1, s2, k, mean, m2, pf)
 
 
 cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t w,
@@ -543,11 +547,11 @@ cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, 
 
 cdef inline void _cl_bwd_sums(const floating *dy, const floating *x, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const floating *k, floating *s1,
-                              floating *s2, double *sdy, double *sdyx) noexcept nogil:
+                              floating *s2, double *sdy, double *sdyx, int pf) noexcept nogil:
     if floating is float:
-        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx)
+        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf)
     else:
-        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx)
+        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf)
 
 
 cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
@@ -700,14 +704,16 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
 
 cdef inline void _cl_item_stats(const floating *x0, Py_ssize_t full, Py_ssize_t rem,
                                 Py_ssize_t R, Py_ssize_t C, floating *scr, double *pm,
-                                double *pm2) noexcept nogil:
+                                double *pm2, int pf) noexcept nogil:
     """Partial statistics of one item: `full` super-rows of R*C lanes from x0, then `rem` rows
-    of C lanes, into pm/pm2 (RC lanes, then C).  scr: 3 * RC elements of scratch."""
+    of C lanes, into pm/pm2 (RC lanes, then C).  scr: 3 * RC elements of scratch.  pf: with
+    software prefetches (see the comment above CL_FUSE_BYTES)."""
     cdef Py_ssize_t RC = R * C
     if full > 0:
-        _cl_stats(x0, full, RC, RC, scr, scr + RC, scr + 2 * RC, pm, pm2)
+        _cl_stats(x0, full, RC, RC, scr, scr + RC, scr + 2 * RC, pm, pm2, pf)
     if rem > 0:
-        _cl_stats(x0 + full * RC, rem, C, C, scr, scr + RC, scr + 2 * RC, pm + RC, pm2 + RC)
+        _cl_stats(x0 + full * RC, rem, C, C, scr, scr + RC, scr + 2 * RC, pm + RC, pm2 + RC,
+                  pf)
 
 
 cdef inline void _cl_item_normalize(const floating *x0, floating *y0, Py_ssize_t full,
@@ -744,7 +750,7 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 rem = L % R
                 if use_input_stats:
                     _cl_item_stats(&x[n, 0, 0], full, rem, R, C, &scratch[t, 0, 0],
-                                   &part[0, t, 0], &part[1, t, 0])
+                                   &part[0, t, 0], &part[1, t, 0], 0)
                 for c in range(C):
                     p = n * C + c
                     if use_input_stats:
@@ -774,7 +780,7 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                     full = _item_rows(L, k, i) // R
                     rem = _item_rows(L, k, i) % R
                     _cl_item_stats(&x[i // k, lo, 0], full, rem, R, C, &scratch[i, 0, 0],
-                                   &part[0, i, 0], &part[1, i, 0])
+                                   &part[0, i, 0], &part[1, i, 0], 1)
             cin_barrier()
             for p in prange(g0 * C, g1 * C, schedule='static'):
                 n = p // C
@@ -858,18 +864,18 @@ cdef inline void _cl_bwd_channel(floating *row, Py_ssize_t t, Py_ssize_t c, Py_s
 
 cdef inline void _cl_item_sums(const floating *g0, const floating *x0, Py_ssize_t full,
                                Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C, const floating *krow,
-                               floating *scr, double *pg, double *px) noexcept nogil:
-    """Partial backward sums of one item (layout of _cl_item_stats; k: the sample's shift
-    row); pg/px are zeroed first, so parts an item lacks add nothing."""
+                               floating *scr, double *pg, double *px, int pf) noexcept nogil:
+    """Partial backward sums of one item (layout and pf of _cl_item_stats; k: the sample's
+    shift row); pg/px are zeroed first, so parts an item lacks add nothing."""
     cdef Py_ssize_t RC = R * C, j
     for j in range(RC + C):
         pg[j] = 0.0
         px[j] = 0.0
     if full > 0:
-        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px)
+        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px, pf)
     if rem > 0:
         _cl_bwd_sums(g0 + full * RC, x0 + full * RC, rem, C, C, krow, scr, scr + RC, pg + RC,
-                     px + RC)
+                     px + RC, pf)
 
 
 cdef inline void _cl_item_dx(const floating *g0, const floating *x0, floating *d0,
@@ -918,7 +924,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                     _set_lanes(&coef[0, t, 0], c, C, RC,
                                <floating>_param_pc(mean, n * C + c, c, 0.0))
                 _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
-                              &scratch[t, 0, 0], &part[0, t, 0], &part[1, t, 0])
+                              &scratch[t, 0, 0], &part[0, t, 0], &part[1, t, 0], 0)
                 for c in range(C):
                     p = n * C + c
                     # assigned here so that prange keeps them thread-private
@@ -948,7 +954,7 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
                 full = _item_rows(L, k, i) // R
                 rem = _item_rows(L, k, i) % R
                 _cl_item_sums(&dy[s, lo, 0], &x[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
-                              &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0])
+                              &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0], 1)
             cin_barrier()
             for p in prange(g0 * C, g1 * C, schedule='static'):
                 n = p // C

@@ -130,11 +130,11 @@ static inline void cin_store_fence(void)
                                const double *, ptrdiff_t, const double *, ptrdiff_t,            \
                                const double *, ptrdiff_t, int, double *, double *, int);        \
     void (*cl_stats_##S)(const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, T *, T *, T *, double *,   \
-                         double *);                                                             \
+                         double *, int);                                                        \
     void (*cl_normalize_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *,        \
                              const T *, const T *, int);                                        \
     void (*cl_backward_sums_##S)(const T *, const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,         \
-                                 const T *, T *, T *, double *, double *);                      \
+                                 const T *, T *, T *, double *, double *, int);                 \
     void (*cl_backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,      \
                                const T *, const T *, const T *, const T *, int);
 
@@ -235,16 +235,16 @@ static const char *cin_isa_name(void) { return cin_k->name; }
     { cin_k->small_backward_##S(dy, x, dx, n, L, p0, m, m_n, r, r_n, w, w_n, use, sdy, sdyx,   \
                                 st); }                                                          \
     static inline void cin_cl_stats_##S(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld,  \
-                                        T *s1, T *s2, T *k, double *mean, double *m2)           \
-    { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2); }                               \
+                                        T *s1, T *s2, T *k, double *mean, double *m2, int pf)   \
+    { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2, pf); }                           \
     static inline void cin_cl_normalize_##S(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,      \
                                             ptrdiff_t ld, const T *k, const T *a, const T *b,   \
                                             int st)                                             \
     { cin_k->cl_normalize_##S(x, y, rows, w, ld, k, a, b, st); }                                \
     static inline void cin_cl_backward_sums_##S(const T *dy, const T *x, ptrdiff_t rows,        \
                                                 ptrdiff_t w, ptrdiff_t ld, const T *k, T *s1,   \
-                                                T *s2, double *sdy, double *sdyx)               \
-    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx); }                  \
+                                                T *s2, double *sdy, double *sdyx, int pf)       \
+    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf); }              \
     static inline void cin_cl_backward_dx_##S(const T *dy, const T *x, T *dx, ptrdiff_t rows,   \
                                               ptrdiff_t w, ptrdiff_t ld, const T *k,            \
                                               const T *a, const T *b, const T *cc, int st)      \

@@ -308,7 +308,7 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
 /* Per-lane sums over nb rows: s1[c] = sum(x - k[c]) and s2[c] = sum((x - k[c])^2), or, with g
  * (the backward pass), s1[c] = sum(g) and s2[c] = sum(g * (x - k[c])), all in CIN_T.  The rows
  * are read in order, `step` rows at a time, the per-lane partial sums living in s1 and s2 (in
- * L1) between steps: every array is read forward, and software prefetches run about
+ * L1) between steps: every array is read forward and, with pf, software prefetches run about
  * CIN_CL_PF_BYTES ahead of each, so the loads seldom wait for memory (the stores to s1 and s2
  * would otherwise queue behind a missing load and keep the core from running ahead).  Each lane
  * adds its rows in order.  (Register tiles of lanes walking down the rows, which need no
@@ -317,10 +317,10 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
 static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
                                       ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
                                       const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
-                                      CIN_T *CIN_RESTRICT s2, int step)
+                                      CIN_T *CIN_RESTRICT s2, int step, int pf)
 {
     typedef CIN_FN(cin_vec) V;
-    ptrdiff_t row_bytes = w * (ptrdiff_t)sizeof(CIN_T);
+    ptrdiff_t row_bytes = pf ? w * (ptrdiff_t)sizeof(CIN_T) : 0;  /* 0: no prefetches */
     ptrdiff_t ahead = CIN_CL_PF_BYTES / (ld * (ptrdiff_t)sizeof(CIN_T));
     if (ahead < 1) ahead = 1;
     for (ptrdiff_t c = 0; c < w; c++) { s1[c] = 0; s2[c] = 0; }
@@ -372,18 +372,19 @@ static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *
 #define CIN_CL_HEAD 32
 static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, ptrdiff_t w,
                                  ptrdiff_t ld, CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2)
+                                 CIN_T *CIN_RESTRICT k, double *mean, double *m2, int pf)
 {
     ptrdiff_t head = rows < CIN_CL_HEAD ? rows : CIN_CL_HEAD;
     for (ptrdiff_t c = 0; c < w; c++) { k[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
     if (head > 0) {
-        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, CIN_CL_STATS_STEP);
+        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, CIN_CL_STATS_STEP, pf);
         for (ptrdiff_t c = 0; c < w; c++) k[c] = (CIN_T)((double)s1[c] / (double)head);
     }
     double cnt = 0.0;
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
-        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2, CIN_CL_STATS_STEP);
+        CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2, CIN_CL_STATS_STEP,
+                                  pf);
         /* Chan's merge of this block into the running (cnt, mean, m2), with the divisions
          * hoisted: every lane has the same counts. */
         double inv_nb = 1.0 / (double)nb, f = (double)nb / (cnt + (double)nb), g = cnt * f;
@@ -409,13 +410,13 @@ static void CIN_FN(cin_cl_backward_sums)(const CIN_T *CIN_RESTRICT dy,
                                          const CIN_T *CIN_RESTRICT x, ptrdiff_t rows,
                                          ptrdiff_t w, ptrdiff_t ld, const CIN_T *CIN_RESTRICT k,
                                          CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                         double *sdy, double *sdyx)
+                                         double *sdy, double *sdyx, int pf)
 {
     for (ptrdiff_t c = 0; c < w; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BWD_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BWD_BLOCK ? rows - b : CIN_CL_BWD_BLOCK;
         CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2,
-                                  CIN_CL_BWD_STEP);
+                                  CIN_CL_BWD_STEP, pf);
         for (ptrdiff_t c = 0; c < w; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
     }
 }

@@ -688,7 +688,7 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                           bint use_input_stats,         # False: mean/var given (eval)
                           int n_threads) except -1:
     """Channels-last forward: statistics (unless given) then normalization."""
-    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], g0, k, R, G
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], k, R, G
     dt = np.float32 if floating is float else np.float64
     plan = _ClPlan(N, L, C, sizeof(floating), 1, n_threads, dt)
     cdef floating[:, :, ::1] scratch = plan.scratch, coef = plan.coef
@@ -696,9 +696,8 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
     cdef int team = plan.n_threads, stream = plan.stream
     cdef bint fused = plan.fused
     k, R, G = plan.k, plan.R, plan.G
-    for g0 in range(0, N, G):
-        _forward_cl_group(x, y, weight, bias, eps, mean, var, rstd, use_input_stats, team, g0,
-                          min(N, g0 + G), k, R, scratch, coef, part, stream, fused)
+    _forward_cl_groups(x, y, weight, bias, eps, mean, var, rstd, use_input_stats, team, G, k, R,
+                       scratch, coef, part, stream, fused)
     return 0
 
 
@@ -728,23 +727,23 @@ cdef inline void _cl_item_normalize(const floating *x0, floating *y0, Py_ssize_t
         _cl_normalize(x0 + full * RC, y0 + full * RC, rem, C, C, row, row + t, row + 2 * t, 0)
 
 
-cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
-                           const double[::1] weight, const double[::1] bias, double eps,
-                           double[::1] mean, double[::1] var, double[::1] rstd,
-                           bint use_input_stats, int n_threads, Py_ssize_t g0, Py_ssize_t g1,
-                           Py_ssize_t k, Py_ssize_t R, floating[:, :, ::1] scratch,
-                           floating[:, :, ::1] coef, double[:, :, ::1] part, int stream,
-                           bint fused) except -1:
-    """Samples g0..g1-1 of the channels-last forward: their statistics, merge, normalize.
-    fused (k == 1): each thread takes whole samples through all three steps, no barrier."""
-    cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
+cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
+                            const double[::1] weight, const double[::1] bias, double eps,
+                            double[::1] mean, double[::1] var, double[::1] rstd,
+                            bint use_input_stats, int n_threads, Py_ssize_t G, Py_ssize_t k,
+                            Py_ssize_t R, floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
+                            double[:, :, ::1] part, int stream, bint fused) except -1:
+    """The channels-last forward, G samples at a time: their statistics, merge, normalize, all
+    groups in one parallel region.  fused (k == 1): each thread takes whole samples through all
+    three steps, no barrier."""
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], RC = R * C, g0, g1
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
-    cdef Py_ssize_t i, n, c, p, s, lo, full, rem, t, first, last
+    cdef Py_ssize_t i, j, n, c, p, s, lo, full, rem, t, first, last
     cdef double m, m2
     if fused:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            for n in prange(g0, g1, schedule='static'):
+            for n in prange(0, N, schedule='static'):
                 t = threadid()  # this thread's buffers
                 full = L // R
                 rem = L % R
@@ -771,37 +770,40 @@ cdef int _forward_cl_group(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     else:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            # this thread's items (assigned in the parallel block: thread-private)
-            first = _thread_share(g0 * k, g1 * k, 0)
-            last = _thread_share(g0 * k, g1 * k, 1)
-            if use_input_stats:
-                for i in range(first, last):
+            for j in range((N + G - 1) // G):  # every thread runs every group
+                g0 = j * G
+                g1 = g0 + G if g0 + G < N else N
+                # this thread's items (assigned in the parallel block: thread-private)
+                first = _thread_share(g0 * k, g1 * k, 0)
+                last = _thread_share(g0 * k, g1 * k, 1)
+                if use_input_stats:
+                    for i in range(first, last):
+                        lo = _row_start(L, k, i % k)
+                        full = _item_rows(L, k, i) // R
+                        rem = _item_rows(L, k, i) % R
+                        _cl_item_stats(&x[i // k, lo, 0], full, rem, R, C, &scratch[i, 0, 0],
+                                       &part[0, i, 0], &part[1, i, 0], 1)
+                cin_barrier()
+                for p in prange(g0 * C, g1 * C, schedule='static'):
+                    n = p // C
+                    if use_input_stats:
+                        m = m2 = 0.0  # assigned here so that prange keeps them thread-private
+                        _cl_channel_stats(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, L, R,
+                                          C, p % C, &m, &m2)
+                        mean[p] = m
+                        var[p] = m2 / <double>L
+                        rstd[p] = 1.0 / sqrt(var[p] + eps)
+                    _cl_fwd_coefficients(&coef[0, n, 0], T, p % C, C, RC, mean[p], rstd[p],
+                                         _param(weight, p, 1.0), _param(bias, p, 0.0))
+                cin_barrier()
+                # the same items, last read first: what is still in cache is read before it goes
+                for i in range(last - 1, first - 1, -1):
+                    s = i // k
                     lo = _row_start(L, k, i % k)
                     full = _item_rows(L, k, i) // R
                     rem = _item_rows(L, k, i) % R
-                    _cl_item_stats(&x[i // k, lo, 0], full, rem, R, C, &scratch[i, 0, 0],
-                                   &part[0, i, 0], &part[1, i, 0], 1)
-            cin_barrier()
-            for p in prange(g0 * C, g1 * C, schedule='static'):
-                n = p // C
-                if use_input_stats:
-                    m = m2 = 0.0  # assigned here so that prange keeps them thread-private
-                    _cl_channel_stats(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, L, R,
-                                      C, p % C, &m, &m2)
-                    mean[p] = m
-                    var[p] = m2 / <double>L
-                    rstd[p] = 1.0 / sqrt(var[p] + eps)
-                _cl_fwd_coefficients(&coef[0, n, 0], T, p % C, C, RC, mean[p], rstd[p],
-                                     _param(weight, p, 1.0), _param(bias, p, 0.0))
-            cin_barrier()
-            # the same items, last read first: what is still in cache is read before it goes
-            for i in range(last - 1, first - 1, -1):
-                s = i // k
-                lo = _row_start(L, k, i % k)
-                full = _item_rows(L, k, i) // R
-                rem = _item_rows(L, k, i) % R
-                _cl_item_normalize(&x[s, lo, 0], &y[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
-                                   T, stream)
+                    _cl_item_normalize(&x[s, lo, 0], &y[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
+                                       T, stream)
     return 0
 
 
@@ -816,7 +818,7 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
                            bint use_input_stats,
                            int n_threads) except -1:
     """Channels-last backward: per-channel sums, then dx."""
-    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], g0, k, R, G
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], k, R, G
     dt = np.float32 if floating is float else np.float64
     plan = _ClPlan(N, L, C, sizeof(floating), 2, n_threads, dt)
     cdef floating[:, :, ::1] scratch = plan.scratch, coef = plan.coef
@@ -824,9 +826,8 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
     cdef int team = plan.n_threads, stream = plan.stream
     cdef bint fused = plan.fused
     k, R, G = plan.k, plan.R, plan.G
-    for g0 in range(0, N, G):
-        _backward_cl_group(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, use_input_stats,
-                           team, g0, min(N, g0 + G), k, R, scratch, coef, part, stream, fused)
+    _backward_cl_groups(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, use_input_stats,
+                        team, G, k, R, scratch, coef, part, stream, fused)
     return 0
 
 
@@ -900,23 +901,24 @@ cdef inline void _cl_item_dx(const floating *g0, const floating *x0, floating *d
                    row + 2 * t, row + 3 * t, 0)
 
 
-cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-                            const double[::1] mean, const double[::1] rstd,
-                            const double[::1] weight, floating[:, :, ::1] dx,
-                            double[::1] sum_dy, double[::1] sum_dy_xhat, bint use_input_stats,
-                            int n_threads, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t k,
-                            Py_ssize_t R, floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
-                            double[:, :, ::1] part, int stream, bint fused) except -1:
-    """Samples g0..g1-1 of the channels-last backward: sums, merge, dx.  fused (k == 1): each
-    thread takes whole samples through all the steps, no barrier."""
-    cdef Py_ssize_t L = x.shape[1], C = x.shape[2], RC = R * C
+cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                             const double[::1] mean, const double[::1] rstd,
+                             const double[::1] weight, floating[:, :, ::1] dx,
+                             double[::1] sum_dy, double[::1] sum_dy_xhat, bint use_input_stats,
+                             int n_threads, Py_ssize_t G, Py_ssize_t k, Py_ssize_t R,
+                             floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
+                             double[:, :, ::1] part, int stream, bint fused) except -1:
+    """The channels-last backward, G samples at a time: sums, merge, dx, all groups in one
+    parallel region.  fused (k == 1): each thread takes whole samples through all the steps,
+    no barrier."""
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], RC = R * C, g0, g1
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
-    cdef Py_ssize_t i, n, c, p, s, lo, full, rem, t, first, last
+    cdef Py_ssize_t i, j, n, c, p, s, lo, full, rem, t, first, last
     cdef double sg, sx
     if fused:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            for n in prange(g0, g1, schedule='static'):
+            for n in prange(0, N, schedule='static'):
                 t = threadid()  # this thread's buffers
                 full = L // R
                 rem = L % R
@@ -942,38 +944,41 @@ cdef int _backward_cl_group(const floating[:, :, ::1] dy, const floating[:, :, :
     else:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            for p in prange(g0 * C, g1 * C, schedule='static'):
-                _set_lanes(&coef[0, p // C, 0], p % C, C, RC, <floating>_param(mean, p, 0.0))
-            cin_barrier()
-            # this thread's items (assigned in the parallel block: thread-private)
-            first = _thread_share(g0 * k, g1 * k, 0)
-            last = _thread_share(g0 * k, g1 * k, 1)
-            for i in range(first, last):
-                s = i // k
-                lo = _row_start(L, k, i % k)
-                full = _item_rows(L, k, i) // R
-                rem = _item_rows(L, k, i) % R
-                _cl_item_sums(&dy[s, lo, 0], &x[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
-                              &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0], 1)
-            cin_barrier()
-            for p in prange(g0 * C, g1 * C, schedule='static'):
-                n = p // C
-                sg = sx = 0.0  # assigned here so that prange keeps them thread-private
-                _cl_channel_sums(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, R, C, p % C,
-                                 &sg, &sx)
-                _cl_bwd_channel(&coef[0, n, 0], T, p % C, C, RC, L, sg, sx,
-                                _param(mean, p, 0.0), _param(rstd, p, 1.0),
-                                _param(weight, p, 1.0), use_input_stats, &sum_dy[p],
-                                &sum_dy_xhat[p])
-            cin_barrier()
-            # the same items, last read first: what is still in cache is read before it goes
-            for i in range(last - 1, first - 1, -1):
-                s = i // k
-                lo = _row_start(L, k, i % k)
-                full = _item_rows(L, k, i) // R
-                rem = _item_rows(L, k, i) % R
-                _cl_item_dx(&dy[s, lo, 0], &x[s, lo, 0], &dx[s, lo, 0], full, rem, R, C,
-                            &coef[0, s, 0], T, use_input_stats, stream)
+            for j in range((N + G - 1) // G):  # every thread runs every group
+                g0 = j * G
+                g1 = g0 + G if g0 + G < N else N
+                for p in prange(g0 * C, g1 * C, schedule='static'):
+                    _set_lanes(&coef[0, p // C, 0], p % C, C, RC, <floating>_param(mean, p, 0.0))
+                cin_barrier()
+                # this thread's items (assigned in the parallel block: thread-private)
+                first = _thread_share(g0 * k, g1 * k, 0)
+                last = _thread_share(g0 * k, g1 * k, 1)
+                for i in range(first, last):
+                    s = i // k
+                    lo = _row_start(L, k, i % k)
+                    full = _item_rows(L, k, i) // R
+                    rem = _item_rows(L, k, i) % R
+                    _cl_item_sums(&dy[s, lo, 0], &x[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
+                                  &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0], 1)
+                cin_barrier()
+                for p in prange(g0 * C, g1 * C, schedule='static'):
+                    n = p // C
+                    sg = sx = 0.0  # assigned here so that prange keeps them thread-private
+                    _cl_channel_sums(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, R, C,
+                                     p % C, &sg, &sx)
+                    _cl_bwd_channel(&coef[0, n, 0], T, p % C, C, RC, L, sg, sx,
+                                    _param(mean, p, 0.0), _param(rstd, p, 1.0),
+                                    _param(weight, p, 1.0), use_input_stats, &sum_dy[p],
+                                    &sum_dy_xhat[p])
+                cin_barrier()
+                # the same items, last read first: what is still in cache is read before it goes
+                for i in range(last - 1, first - 1, -1):
+                    s = i // k
+                    lo = _row_start(L, k, i % k)
+                    full = _item_rows(L, k, i) // R
+                    rem = _item_rows(L, k, i) % R
+                    _cl_item_dx(&dy[s, lo, 0], &x[s, lo, 0], &dx[s, lo, 0], full, rem, R, C,
+                                &coef[0, s, 0], T, use_input_stats, stream)
     return 0
 
 

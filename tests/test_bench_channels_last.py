@@ -250,3 +250,28 @@ def test_torch_column_runs_on_the_channels_last_input(tiny_shapes):
     assert "torch_forward_cl" in case["times"]
     ratio = case["ratios"]["forward:torch_cl/cin_cl"]
     assert math.isfinite(ratio) and ratio > 0
+
+
+def test_each_ratio_is_timed_as_a_pair(tiny_shapes, monkeypatch):
+    """Every ratio's two functions are timed together and alone (a third function between
+    them biased the ratio), and every function is timed once."""
+    groups = []
+    real = _bench.measure_interleaved
+
+    def spy(fns, repeat=7):
+        groups.append(tuple(fns))
+        return real(fns, repeat)
+
+    monkeypatch.setattr(_bench, "measure_interleaved", spy)
+    progress = _bench.Progress(0, enabled=False)
+    _bench.run_channels_last_benchmarks(["unit"], ["float64"], 1, 1, progress,
+                                        fake_torch([]))
+    pairs = [("cin_forward_out_cl", "cin_forward_out"),
+             ("cin_backward_out_cl", "cin_backward_out"),
+             ("torch_forward_cl", "cin_forward_cl")]
+    for a, b in pairs:
+        (group,) = [g for g in groups if a in g]
+        assert set(group) == {a, b}
+    timed = [k for g in groups for k in g]
+    assert sorted(timed) == sorted(set(_bench.CL_FORWARD_KEYS + _bench.CL_TORCH_KEYS
+                                       + _bench.CL_BACKWARD_KEYS))

@@ -619,6 +619,99 @@ cdef inline void _set_lanes(floating *row, Py_ssize_t c, Py_ssize_t C, Py_ssize_
         lane += C
 
 
+cdef inline const double *_sample_param(const double[::1] a, Py_ssize_t n, Py_ssize_t C,
+                                         const double *fill, Py_ssize_t *step) noexcept nogil:
+    """Sample n's C values of a (P,), (C,) or empty parameter: a pointer and its step (0: every
+    channel reads *fill)."""
+    step[0] = 1
+    if a.shape[0] == 0:
+        step[0] = 0
+        return fill
+    return &a[n * C] if a.shape[0] > C else &a[0]
+
+
+cdef inline void _pad_lanes(floating *row, Py_ssize_t C) noexcept nogil:
+    """Lanes C..C+CL_PAD-1 of a coefficient row of C >= CL_PAD channels (R == 1): the first
+    CL_PAD lanes again (what _set_lanes writes there)."""
+    cdef Py_ssize_t j
+    for j in range(CL_PAD):
+        row[C + j] = row[j]
+
+
+cdef void _cl_fwd_sample_r1(floating *row, Py_ssize_t T, Py_ssize_t n, Py_ssize_t C,
+                            Py_ssize_t L, const double *pm, const double *pm2,
+                            const double[::1] weight, const double[::1] bias, double eps,
+                            double[::1] mean, double[::1] var, double[::1] rstd,
+                            bint use_input_stats) noexcept nogil:
+    """Sample n's statistics from its partial sums pm/pm2 (one piece per channel, R == 1;
+    unless given) and its coefficient rows, as the per-channel loop with _cl_fwd_coefficients
+    computes them, in one loop over the channels."""
+    cdef double one = 1.0, zero = 0.0, mu, a
+    cdef Py_ssize_t ws, bs, c, p0 = n * C
+    cdef const double *w = _sample_param(weight, n, C, &one, &ws)
+    cdef const double *b = _sample_param(bias, n, C, &zero, &bs)
+    cdef floating kc
+    for c in range(C):
+        if use_input_stats:
+            mean[p0 + c] = pm[c]
+            var[p0 + c] = pm2[c] / <double>L
+            rstd[p0 + c] = 1.0 / sqrt(var[p0 + c] + eps)
+        mu = mean[p0 + c]
+        kc = <floating>mu
+        a = rstd[p0 + c] * w[c * ws]
+        row[c] = kc
+        row[T + c] = <floating>a
+        row[2 * T + c] = <floating>(b[c * bs] - (mu - <double>kc) * a)
+    _pad_lanes(row, C)
+    _pad_lanes(row + T, C)
+    _pad_lanes(row + 2 * T, C)
+
+
+cdef void _cl_bwd_shift_r1(floating *row, Py_ssize_t n, Py_ssize_t C,
+                           const double[::1] mean) noexcept nogil:
+    """Sample n's shift row k = mean (R == 1)."""
+    cdef double zero = 0.0
+    cdef Py_ssize_t ms, c
+    cdef const double *mu = _sample_param(mean, n, C, &zero, &ms)
+    for c in range(C):
+        row[c] = <floating>mu[c * ms]
+    _pad_lanes(row, C)
+
+
+cdef void _cl_bwd_sample_r1(floating *row, Py_ssize_t T, Py_ssize_t n, Py_ssize_t C,
+                            Py_ssize_t L, const double *pg, const double *px,
+                            const double[::1] mean, const double[::1] rstd,
+                            const double[::1] weight, bint use_input_stats, double *sdy,
+                            double *sdyx) noexcept nogil:
+    """_cl_bwd_channel for every channel of sample n (R == 1) in one loop: its sums (sdy, sdyx:
+    the sample's C outputs) and coefficient rows."""
+    cdef double zero = 0.0, one = 1.0, kd, mu, rs, a, b, cc, sg, sx
+    cdef Py_ssize_t ms, rss, ws, c
+    cdef const double *m = _sample_param(mean, n, C, &zero, &ms)
+    cdef const double *r = _sample_param(rstd, n, C, &one, &rss)
+    cdef const double *w = _sample_param(weight, n, C, &one, &ws)
+    for c in range(C):
+        kd = <double>row[c]
+        mu = m[c * ms]
+        rs = r[c * rss]
+        sg = pg[c]
+        sx = px[c] + (kd - mu) * sg  # centred: sum(dy * (x - mean))
+        sdy[c] = sg
+        sdyx[c] = sx * rs
+        a = w[c * ws] * rs
+        b = 0.0
+        cc = 0.0
+        if use_input_stats:
+            b = -a * rs * rs * sx / <double>L
+            cc = -a * sg / <double>L + b * (kd - mu)
+        row[T + c] = <floating>a
+        row[2 * T + c] = <floating>b
+        row[3 * T + c] = <floating>cc
+    _pad_lanes(row + T, C)
+    _pad_lanes(row + 2 * T, C)
+    _pad_lanes(row + 3 * T, C)
+
+
 cdef inline void _cl_channel_stats(const double *pm, const double *pm2, Py_ssize_t stride,
                                    Py_ssize_t k, Py_ssize_t L, Py_ssize_t R, Py_ssize_t C,
                                    Py_ssize_t c, double *mean, double *m2) noexcept nogil:
@@ -750,21 +843,23 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 if use_input_stats:
                     _cl_item_stats(&x[n, 0, 0], full, rem, R, C, &scratch[t, 0, 0],
                                    &part[0, t, 0], &part[1, t, 0], 0)
-                for c in range(C):
-                    p = n * C + c
-                    if use_input_stats:
-                        # assigned here so that prange keeps them thread-private
-                        m = part[0, t, c]  # R == 1: one piece, nothing to merge
-                        m2 = part[1, t, c]
-                        if R > 1:
-                            _cl_channel_stats(&part[0, t, 0], &part[1, t, 0], RC + C, 1, L, R, C,
-                                              c, &m, &m2)
-                        mean[p] = m
-                        var[p] = m2 / <double>L
-                        rstd[p] = 1.0 / sqrt(var[p] + eps)
-                    _cl_fwd_coefficients(&coef[0, t, 0], T, c, C, RC, mean[p], rstd[p],
-                                         _param_pc(weight, p, c, 1.0),
-                                         _param_pc(bias, p, c, 0.0))
+                if R == 1:  # one loop over the channels, no per-channel calls
+                    _cl_fwd_sample_r1(&coef[0, t, 0], T, n, C, L, &part[0, t, 0], &part[1, t, 0],
+                                      weight, bias, eps, mean, var, rstd, use_input_stats)
+                else:
+                    for c in range(C):
+                        p = n * C + c
+                        if use_input_stats:
+                            # assigned here so that prange keeps them thread-private
+                            m = m2 = 0.0
+                            _cl_channel_stats(&part[0, t, 0], &part[1, t, 0], RC + C, 1, L, R,
+                                              C, c, &m, &m2)
+                            mean[p] = m
+                            var[p] = m2 / <double>L
+                            rstd[p] = 1.0 / sqrt(var[p] + eps)
+                        _cl_fwd_coefficients(&coef[0, t, 0], T, c, C, RC, mean[p], rstd[p],
+                                             _param_pc(weight, p, c, 1.0),
+                                             _param_pc(bias, p, c, 0.0))
                 _cl_item_normalize(&x[n, 0, 0], &y[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
                                    T, stream)
     else:
@@ -922,23 +1017,29 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                 t = threadid()  # this thread's buffers
                 full = L // R
                 rem = L % R
-                for c in range(C):
-                    _set_lanes(&coef[0, t, 0], c, C, RC,
-                               <floating>_param_pc(mean, n * C + c, c, 0.0))
+                # one loop over the channels (R == 1), or a call per channel
+                if R == 1:
+                    _cl_bwd_shift_r1(&coef[0, t, 0], n, C, mean)
+                else:
+                    for c in range(C):
+                        _set_lanes(&coef[0, t, 0], c, C, RC,
+                                   <floating>_param_pc(mean, n * C + c, c, 0.0))
                 _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
                               &scratch[t, 0, 0], &part[0, t, 0], &part[1, t, 0], 0)
-                for c in range(C):
-                    p = n * C + c
-                    # assigned here so that prange keeps them thread-private
-                    sg = part[0, t, c]  # R == 1: one piece (the leftover part is empty)
-                    sx = part[1, t, c]
-                    if R > 1:
+                if R == 1:
+                    _cl_bwd_sample_r1(&coef[0, t, 0], T, n, C, L, &part[0, t, 0], &part[1, t, 0],
+                                      mean, rstd, weight, use_input_stats, &sum_dy[n * C],
+                                      &sum_dy_xhat[n * C])
+                else:
+                    for c in range(C):
+                        p = n * C + c
+                        sg = sx = 0.0  # assigned here so that prange keeps them thread-private
                         _cl_channel_sums(&part[0, t, 0], &part[1, t, 0], RC + C, 1, R, C, c, &sg,
                                          &sx)
-                    _cl_bwd_channel(&coef[0, t, 0], T, c, C, RC, L, sg, sx,
-                                    _param_pc(mean, p, c, 0.0), _param_pc(rstd, p, c, 1.0),
-                                    _param_pc(weight, p, c, 1.0), use_input_stats, &sum_dy[p],
-                                    &sum_dy_xhat[p])
+                        _cl_bwd_channel(&coef[0, t, 0], T, c, C, RC, L, sg, sx,
+                                        _param_pc(mean, p, c, 0.0), _param_pc(rstd, p, c, 1.0),
+                                        _param_pc(weight, p, c, 1.0), use_input_stats,
+                                        &sum_dy[p], &sum_dy_xhat[p])
                 _cl_item_dx(&dy[n, 0, 0], &x[n, 0, 0], &dx[n, 0, 0], full, rem, R, C,
                             &coef[0, t, 0], T, use_input_stats, stream)
     else:

@@ -147,7 +147,7 @@ def test_channels_last_every_path(rng, simd, streaming, shape, dtype):
 # The channels-last sample groups: sized to the team's L2 (a group of one or two samples, several
 # row blocks each, so several groups per call), to the LLC (l2 = 0: all of these samples in one
 # group), and the whole batch in one L2-sized group.
-@pytest.fixture(params=["l2-one-sample", "llc", "l2-everything"])
+@pytest.fixture(params=["l2-one-sample", "l2-two-samples", "llc", "l2-everything"])
 def cl_groups(request):
     before = _cpu.l2_bytes()
     yield request.param
@@ -160,14 +160,16 @@ def test_channels_last_sample_groups(rng, cl_groups, shape, dtype):
     x = _channels_last(make_x(rng, shape, dtype))
     dy = _channels_last(make_x(rng, shape, dtype))
     N, C, L = shape[0], shape[1], shape[2] * shape[3]
-    _cpu.set_l2_bytes({"l2-one-sample": x[0].nbytes, "llc": 0, "l2-everything": 1 << 40}
-                      [cl_groups])
+    sample = x[0].nbytes
+    _cpu.set_l2_bytes({"l2-one-sample": sample, "l2-two-samples": 2 * sample, "llc": 0,
+                       "l2-everything": 1 << 40}[cl_groups])
     # samples per group of the forward (one array read) and the backward (two): fewer samples
-    # than 2 threads could take whole, so row blocks of each sample are shared out
+    # than 2 threads could take whole, so row blocks of each sample are shared out; a group's
+    # share per thread takes half of that thread's L2 at most
     groups = [_cpu._ClPlan(N, L, C, x.itemsize, arrays, 2, dtype) for arrays in (1, 2)]
     assert not any(p.fused for p in groups) and all(p.n_threads == 2 for p in groups)
-    assert [p.G for p in groups] == {"l2-one-sample": [2, 1], "llc": [N, N],
-                                     "l2-everything": [N, N]}[cl_groups]
+    assert [p.G for p in groups] == {"l2-one-sample": [1, 1], "l2-two-samples": [2, 1],
+                                     "llc": [N, N], "l2-everything": [N, N]}[cl_groups]
     w, b = make_affine(rng, shape[1], dtype)
     y, mean, rstd = cin.instance_norm_forward(x, w, b, n_threads=2)
     assert np.moveaxis(y, 1, -1).flags.c_contiguous

@@ -8,8 +8,8 @@ reported as a ratio measured in the same run, because absolute times hold only o
 
 A channels-last table follows (``--no-channels-last`` skips it): the same arrays with
 (N, *spatial, C) memory, cinstnorm's forward and backward into ``out=`` arrays of that layout
-timed in alternating samples with the NCHW ones (ratio cl/nchw), and torch's forward on the
-channels-last tensor.
+each timed as a pair in alternating samples with the NCHW one (ratio cl/nchw), and torch's
+forward on the channels-last tensor (paired with cinstnorm's allocating one).
 
 Neither cinstnorm's compiled extension nor torch is imported before a benchmark runs.
 ``--device cuda|all`` adds GPU rows from ``cinstnorm._bench_gpu``, imported (with CuPy) only then.
@@ -359,8 +359,8 @@ def _fmt_ratio(ratio: Optional[float]) -> str:
 # Channels-last: the same logical (N, C, *spatial) arrays with (N, *spatial, C) memory.
 
 # Time keys of a channels-last case: cinstnorm into out= arrays of the input's layout, NCHW
-# (C-contiguous) and channels-last, measured in alternating samples; the allocating CL forward
-# and torch's forward on the CL input (no_grad, when torch imports), alternated with them.
+# (C-contiguous) and channels-last; the allocating CL forward and torch's forward on the CL
+# input (no_grad, when torch imports).  CL_GROUPS below says which are timed together.
 CL_FORWARD_KEYS = ("cin_forward_out", "cin_forward_out_cl", "cin_forward_cl")
 CL_BACKWARD_KEYS = ("cin_backward_out", "cin_backward_out_cl")
 CL_TORCH_KEYS = ("torch_forward_cl",)

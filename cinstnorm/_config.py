@@ -17,9 +17,9 @@ DEFAULT_L2_BYTES = 512 * 1024
 SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 
 
-def _cache_bytes(sysconf_names, sysfs_levels, sysfs=SYSFS_CACHE) -> int:
+def _cache_bytes(sysconf_names, sysfs_levels, sysfs=None) -> int:
     """A cache's size from sysconf, else from sysfs (cpu0's data or unified cache of that
-    level), else 0."""
+    level, under ``sysfs``, default SYSFS_CACHE), else 0."""
     for name in sysconf_names:
         try:
             size = os.sysconf(name)
@@ -28,6 +28,7 @@ def _cache_bytes(sysconf_names, sysfs_levels, sysfs=SYSFS_CACHE) -> int:
         if size and size > 0:
             return int(size)
     units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    sysfs = SYSFS_CACHE if sysfs is None else sysfs
     try:
         entries = sorted(os.listdir(sysfs))
     except OSError:

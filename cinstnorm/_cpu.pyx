@@ -623,6 +623,41 @@ cdef inline void _set_lanes(floating *row, Py_ssize_t c, Py_ssize_t C, Py_ssize_
         lane += C
 
 
+cdef inline void _cl_plane_stats(double m, double m2, Py_ssize_t L, double eps, double *mean,
+                                 double *var, double *rstd) noexcept nogil:
+    """A plane's mean, biased variance and 1/sqrt(var + eps) from its mean and M2."""
+    mean[0] = m
+    var[0] = m2 / <double>L
+    rstd[0] = 1.0 / sqrt(var[0] + eps)
+
+
+cdef inline void _cl_fwd_coefs(double mean, double rstd, double w, double b, floating *k,
+                               floating *a, floating *beta) noexcept nogil:
+    """A plane's y = (x - k) * a + beta, k = mean rounded to the data type."""
+    cdef double ad = rstd * w
+    k[0] = <floating>mean
+    a[0] = <floating>ad
+    beta[0] = <floating>(b - (mean - <double>k[0]) * ad)
+
+
+cdef inline void _cl_bwd_coefs(double kd, Py_ssize_t L, double sg, double sx, double mu,
+                               double rs, double w, bint use_input_stats, double *sdy,
+                               double *sdyx, floating *a, floating *b,
+                               floating *cc) noexcept nogil:
+    """A plane from its sums sg = sum(dy) and sx = sum(dy * (x - k)), k = kd: sum(dy) and the
+    centred sum(dy * xhat), and the coefficients of dx = a * dy + b * (x - k) + cc."""
+    cdef double ad = w * rs, bd = 0.0, cd = 0.0
+    sx = sx + (kd - mu) * sg       # centred: sum(dy * (x - mean))
+    sdy[0] = sg
+    sdyx[0] = sx * rs
+    if use_input_stats:
+        bd = -ad * rs * rs * sx / <double>L
+        cd = -ad * sg / <double>L + bd * (kd - mu)
+    a[0] = <floating>ad
+    b[0] = <floating>bd
+    cc[0] = <floating>cd
+
+
 cdef inline const double *_sample_param(const double[::1] a, Py_ssize_t n, Py_ssize_t C,
                                          const double *fill, Py_ssize_t *step) noexcept nogil:
     """Sample n's C values of a (P,), (C,) or empty parameter: a pointer and its step (0: every
@@ -650,22 +685,15 @@ cdef void _cl_fwd_sample_r1(floating *row, Py_ssize_t T, Py_ssize_t n, Py_ssize_
     """Sample n's statistics from its partial sums pm/pm2 (one piece per channel, R == 1;
     unless given) and its coefficient rows, as the per-channel loop with _cl_fwd_coefficients
     computes them, in one loop over the channels."""
-    cdef double one = 1.0, zero = 0.0, mu, a
+    cdef double one = 1.0, zero = 0.0
     cdef Py_ssize_t ws, bs, c, p0 = n * C
     cdef const double *w = _sample_param(weight, n, C, &one, &ws)
     cdef const double *b = _sample_param(bias, n, C, &zero, &bs)
-    cdef floating kc
     for c in range(C):
         if use_input_stats:
-            mean[p0 + c] = pm[c]
-            var[p0 + c] = pm2[c] / <double>L
-            rstd[p0 + c] = 1.0 / sqrt(var[p0 + c] + eps)
-        mu = mean[p0 + c]
-        kc = <floating>mu
-        a = rstd[p0 + c] * w[c * ws]
-        row[c] = kc
-        row[T + c] = <floating>a
-        row[2 * T + c] = <floating>(b[c * bs] - (mu - <double>kc) * a)
+            _cl_plane_stats(pm[c], pm2[c], L, eps, &mean[p0 + c], &var[p0 + c], &rstd[p0 + c])
+        _cl_fwd_coefs(mean[p0 + c], rstd[p0 + c], w[c * ws], b[c * bs], &row[c], &row[T + c],
+                      &row[2 * T + c])
     _pad_lanes(row, C)
     _pad_lanes(row + T, C)
     _pad_lanes(row + 2 * T, C)
@@ -689,28 +717,15 @@ cdef void _cl_bwd_sample_r1(floating *row, Py_ssize_t T, Py_ssize_t n, Py_ssize_
                             double *sdyx) noexcept nogil:
     """_cl_bwd_channel for every channel of sample n (R == 1) in one loop: its sums (sdy, sdyx:
     the sample's C outputs) and coefficient rows."""
-    cdef double zero = 0.0, one = 1.0, kd, mu, rs, a, b, cc, sg, sx
+    cdef double zero = 0.0, one = 1.0
     cdef Py_ssize_t ms, rss, ws, c
     cdef const double *m = _sample_param(mean, n, C, &zero, &ms)
     cdef const double *r = _sample_param(rstd, n, C, &one, &rss)
     cdef const double *w = _sample_param(weight, n, C, &one, &ws)
     for c in range(C):
-        kd = <double>row[c]
-        mu = m[c * ms]
-        rs = r[c * rss]
-        sg = pg[c]
-        sx = px[c] + (kd - mu) * sg  # centred: sum(dy * (x - mean))
-        sdy[c] = sg
-        sdyx[c] = sx * rs
-        a = w[c * ws] * rs
-        b = 0.0
-        cc = 0.0
-        if use_input_stats:
-            b = -a * rs * rs * sx / <double>L
-            cc = -a * sg / <double>L + b * (kd - mu)
-        row[T + c] = <floating>a
-        row[2 * T + c] = <floating>b
-        row[3 * T + c] = <floating>cc
+        _cl_bwd_coefs(<double>row[c], L, pg[c], px[c], m[c * ms], r[c * rss], w[c * ws],
+                      use_input_stats, &sdy[c], &sdyx[c], &row[T + c], &row[2 * T + c],
+                      &row[3 * T + c])
     _pad_lanes(row + T, C)
     _pad_lanes(row + 2 * T, C)
     _pad_lanes(row + 3 * T, C)
@@ -858,9 +873,7 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                             m = m2 = 0.0
                             _cl_channel_stats(&part[0, t, 0], &part[1, t, 0], RC + C, 1, L, R,
                                               C, c, &m, &m2)
-                            mean[p] = m
-                            var[p] = m2 / <double>L
-                            rstd[p] = 1.0 / sqrt(var[p] + eps)
+                            _cl_plane_stats(m, m2, L, eps, &mean[p], &var[p], &rstd[p])
                         _cl_fwd_coefficients(&coef[0, t, 0], T, c, C, RC, mean[p], rstd[p],
                                              _param_pc(weight, p, c, 1.0),
                                              _param_pc(bias, p, c, 0.0))
@@ -889,9 +902,7 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                         m = m2 = 0.0  # assigned here so that prange keeps them thread-private
                         _cl_channel_stats(&part[0, n * k, 0], &part[1, n * k, 0], RC + C, k, L, R,
                                           C, p % C, &m, &m2)
-                        mean[p] = m
-                        var[p] = m2 / <double>L
-                        rstd[p] = 1.0 / sqrt(var[p] + eps)
+                        _cl_plane_stats(m, m2, L, eps, &mean[p], &var[p], &rstd[p])
                     _cl_fwd_coefficients(&coef[0, n, 0], T, p % C, C, RC, mean[p], rstd[p],
                                          _param(weight, p, 1.0), _param(bias, p, 0.0))
                 cin_barrier()
@@ -933,33 +944,27 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
 cdef inline void _cl_fwd_coefficients(floating *row, Py_ssize_t t, Py_ssize_t c, Py_ssize_t C,
                                       Py_ssize_t RC, double mean, double rstd, double w,
                                       double b) noexcept nogil:
-    """Plane (n, c)'s y = (x - k) * a + beta, k = mean rounded to the data type, into every
-    lane of channel c of sample n's coefficient rows: k at row (= &coef[0, n, 0]), a at
-    row + t, beta at row + 2 t."""
-    cdef floating k = <floating>mean
-    cdef double a = rstd * w
+    """_cl_fwd_coefs of plane (n, c) into every lane of channel c of sample n's coefficient
+    rows: k at row (= &coef[0, n, 0]), a at row + t, beta at row + 2 t."""
+    cdef floating k, a, beta
+    _cl_fwd_coefs(mean, rstd, w, b, &k, &a, &beta)
     _set_lanes(row, c, C, RC, k)
-    _set_lanes(row + t, c, C, RC, <floating>a)
-    _set_lanes(row + 2 * t, c, C, RC, <floating>(b - (mean - <double>k) * a))
+    _set_lanes(row + t, c, C, RC, a)
+    _set_lanes(row + 2 * t, c, C, RC, beta)
 
 
 cdef inline void _cl_bwd_channel(floating *row, Py_ssize_t t, Py_ssize_t c, Py_ssize_t C,
                                  Py_ssize_t RC, Py_ssize_t L, double sg, double sx, double mu,
                                  double rs, double w, bint use_input_stats, double *sdy,
                                  double *sdyx) noexcept nogil:
-    """Plane (n, c) from its sums sg = sum(dy) and sx = sum(dy * (x - k)), k = row[c]
-    (row = &coef[0, n, 0]): sum(dy) and the centred sum(dy * xhat), and the coefficients of
-    dx = a * dy + b * (x - k) + cc into rows row + t, row + 2 t and row + 3 t."""
-    cdef double kd = <double>row[c], a = w * rs, b = 0.0, cc = 0.0
-    sx = sx + (kd - mu) * sg       # centred: sum(dy * (x - mean))
-    sdy[0] = sg
-    sdyx[0] = sx * rs
-    if use_input_stats:
-        b = -a * rs * rs * sx / <double>L
-        cc = -a * sg / <double>L + b * (kd - mu)
-    _set_lanes(row + t, c, C, RC, <floating>a)
-    _set_lanes(row + 2 * t, c, C, RC, <floating>b)
-    _set_lanes(row + 3 * t, c, C, RC, <floating>cc)
+    """_cl_bwd_coefs of plane (n, c), k = row[c] (row = &coef[0, n, 0]), with the coefficients
+    in every lane of channel c of rows row + t, row + 2 t and row + 3 t."""
+    cdef floating a, b, cc
+    _cl_bwd_coefs(<double>row[c], L, sg, sx, mu, rs, w, use_input_stats, sdy, sdyx, &a, &b,
+                  &cc)
+    _set_lanes(row + t, c, C, RC, a)
+    _set_lanes(row + 2 * t, c, C, RC, b)
+    _set_lanes(row + 3 * t, c, C, RC, cc)
 
 
 cdef inline void _cl_item_sums(const floating *g0, const floating *x0, Py_ssize_t full,

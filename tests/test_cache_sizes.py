@@ -60,7 +60,6 @@ def test_sysconf_comes_first(tmp_path, monkeypatch):
 
 def test_defaults_when_nothing_is_known(monkeypatch, no_sysconf, tmp_path):
     monkeypatch.setattr(_config, "SYSFS_CACHE", str(tmp_path))
-    monkeypatch.setattr(_config._cache_bytes, "__defaults__", (str(tmp_path),))
     assert _config.l2_cache_bytes() == _config.DEFAULT_L2_BYTES
     assert _config.last_level_cache_bytes() == _config.DEFAULT_LLC_BYTES
 

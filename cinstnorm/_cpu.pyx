@@ -613,6 +613,23 @@ cdef inline Py_ssize_t _item_rows(Py_ssize_t L, Py_ssize_t k, Py_ssize_t i) noex
     return _row_start(L, k, i % k + 1) - _row_start(L, k, i % k)
 
 
+cdef struct _ClItem:
+    Py_ssize_t s, lo, full, rem  # sample, first row, super-rows of R rows, leftover rows
+
+
+cdef inline _ClItem _cl_item(Py_ssize_t L, Py_ssize_t k, Py_ssize_t R,
+                             Py_ssize_t i) noexcept nogil:
+    """Item i of a row-block split (k blocks per sample).  Returned by value: a struct
+    assigned in a parallel block is thread-private, as results through pointers would not
+    be."""
+    cdef _ClItem it
+    it.s = i // k
+    it.lo = _row_start(L, k, i % k)
+    it.full = _item_rows(L, k, i) // R
+    it.rem = _item_rows(L, k, i) % R
+    return it
+
+
 cdef inline void _set_lanes(floating *row, Py_ssize_t c, Py_ssize_t C, Py_ssize_t RC,
                             floating v) noexcept nogil:
     """A coefficient of channel c in every lane of a (super-)row of coefficients, padding
@@ -850,7 +867,8 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
     three steps, no barrier."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], RC = R * C, g0, g1
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
-    cdef Py_ssize_t i, j, n, c, p, s, lo, full, rem, t, first, last
+    cdef Py_ssize_t i, j, n, c, p, full, rem, t, first, last
+    cdef _ClItem it
     cdef double m, m2
     if fused:
         with nogil, parallel(num_threads=n_threads):
@@ -890,11 +908,9 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 last = _thread_share(g0 * k, g1 * k, 1)
                 if use_input_stats:
                     for i in range(first, last):
-                        lo = _row_start(L, k, i % k)
-                        full = _item_rows(L, k, i) // R
-                        rem = _item_rows(L, k, i) % R
-                        _cl_item_stats(&x[i // k, lo, 0], full, rem, R, C, &scratch[i, 0, 0],
-                                       &part[0, i, 0], &part[1, i, 0], 1)
+                        it = _cl_item(L, k, R, i)
+                        _cl_item_stats(&x[it.s, it.lo, 0], it.full, it.rem, R, C,
+                                       &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0], 1)
                 cin_barrier()
                 for p in prange(g0 * C, g1 * C, schedule='static'):
                     n = p // C
@@ -908,12 +924,9 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 cin_barrier()
                 # the same items, last read first: what is still in cache is read before it goes
                 for i in range(last - 1, first - 1, -1):
-                    s = i // k
-                    lo = _row_start(L, k, i % k)
-                    full = _item_rows(L, k, i) // R
-                    rem = _item_rows(L, k, i) % R
-                    _cl_item_normalize(&x[s, lo, 0], &y[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
-                                       T, stream)
+                    it = _cl_item(L, k, R, i)
+                    _cl_item_normalize(&x[it.s, it.lo, 0], &y[it.s, it.lo, 0], it.full, it.rem,
+                                       R, C, &coef[0, it.s, 0], T, stream)
     return 0
 
 
@@ -1017,7 +1030,8 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
     no barrier."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], RC = R * C, g0, g1
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
-    cdef Py_ssize_t i, j, n, c, p, s, lo, full, rem, t, first, last
+    cdef Py_ssize_t i, j, n, c, p, full, rem, t, first, last
+    cdef _ClItem it
     cdef double sg, sx
     if fused:
         with nogil, parallel(num_threads=n_threads):
@@ -1064,12 +1078,10 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                 first = _thread_share(g0 * k, g1 * k, 0)
                 last = _thread_share(g0 * k, g1 * k, 1)
                 for i in range(first, last):
-                    s = i // k
-                    lo = _row_start(L, k, i % k)
-                    full = _item_rows(L, k, i) // R
-                    rem = _item_rows(L, k, i) % R
-                    _cl_item_sums(&dy[s, lo, 0], &x[s, lo, 0], full, rem, R, C, &coef[0, s, 0],
-                                  &scratch[i, 0, 0], &part[0, i, 0], &part[1, i, 0], 1)
+                    it = _cl_item(L, k, R, i)
+                    _cl_item_sums(&dy[it.s, it.lo, 0], &x[it.s, it.lo, 0], it.full, it.rem, R, C,
+                                  &coef[0, it.s, 0], &scratch[i, 0, 0], &part[0, i, 0],
+                                  &part[1, i, 0], 1)
                 cin_barrier()
                 for p in prange(g0 * C, g1 * C, schedule='static'):
                     n = p // C
@@ -1083,12 +1095,10 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                 cin_barrier()
                 # the same items, last read first: what is still in cache is read before it goes
                 for i in range(last - 1, first - 1, -1):
-                    s = i // k
-                    lo = _row_start(L, k, i % k)
-                    full = _item_rows(L, k, i) // R
-                    rem = _item_rows(L, k, i) % R
-                    _cl_item_dx(&dy[s, lo, 0], &x[s, lo, 0], &dx[s, lo, 0], full, rem, R, C,
-                                &coef[0, s, 0], T, use_input_stats, stream)
+                    it = _cl_item(L, k, R, i)
+                    _cl_item_dx(&dy[it.s, it.lo, 0], &x[it.s, it.lo, 0], &dx[it.s, it.lo, 0],
+                                it.full, it.rem, R, C, &coef[0, it.s, 0], T, use_input_stats,
+                                stream)
     return 0
 
 

@@ -66,6 +66,7 @@ def config() -> dict:
         "simd_supported": ", ".join(_cpu.simd_supported()),
         "stream_stores_above_bytes": _cpu.stream_min_bytes(),
         "l2_bytes": _cpu.l2_bytes(),
+        "llc_bytes": _cpu.llc_bytes(),
         "compiler_flags": _cpu.build_flags(),
         "bounds_checking": _cpu.bounds_checking(),
         "gpu": _gpu_status(),

@@ -64,7 +64,8 @@ def l2_cache_bytes() -> int:
 
 def configure_kernels_from_env() -> None:
     """Apply CINSTNORM_SIMD (auto|baseline|avx2|avx512) and CINSTNORM_STREAM_MIN_BYTES, and
-    tell the kernels the L2 size (which sizes the channels-last sample groups).
+    tell the kernels the L2 and last-level cache sizes (which size the channels-last sample
+    groups).
 
     Streaming (non-temporal) stores are used for outputs larger than the last-level cache by
     default: below that, the output is better left in cache for whoever reads it next.
@@ -75,14 +76,16 @@ def configure_kernels_from_env() -> None:
     except ValueError as exc:
         warnings.warn(f"CINSTNORM_SIMD: {exc}; using auto", RuntimeWarning, stacklevel=2)
         _cpu.select_simd("auto")
+    llc = last_level_cache_bytes()
     _cpu.set_l2_bytes(l2_cache_bytes())
+    _cpu.set_llc_bytes(llc)
     stream = os.environ.get("CINSTNORM_STREAM_MIN_BYTES", "").strip()
     try:
-        _cpu.set_stream_min_bytes(int(stream) if stream else last_level_cache_bytes())
+        _cpu.set_stream_min_bytes(int(stream) if stream else llc)
     except ValueError:
         warnings.warn(f"CINSTNORM_STREAM_MIN_BYTES={stream!r} is not an integer; ignored",
                       RuntimeWarning, stacklevel=2)
-        _cpu.set_stream_min_bytes(last_level_cache_bytes())
+        _cpu.set_stream_min_bytes(llc)
 
 
 def available_cores() -> int:

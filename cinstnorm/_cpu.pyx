@@ -7,7 +7,7 @@ so per-channel and per-sample parameters take the same path without expanding th
 shape and dtype before calling in here; with bounds checking off a bad shape would be a silent
 out-of-bounds access.
 
-Work split (see DESIGN.md): planes that fit in L2 are handled one plane per iteration of a
+Work split (see docs/design.md): planes that fit in L2 are handled one plane per iteration of a
 static ``prange`` (statistics, then normalization while the plane is still cached).  Planes
 much larger than L2, or fewer planes than threads, are cut into k chunks: a first loop computes
 per-chunk partial results, a second merges them per plane, and a third loop over the same
@@ -139,7 +139,13 @@ cdef Py_ssize_t _chunks_per_plane(Py_ssize_t P, Py_ssize_t L, Py_ssize_t itemsiz
     return k if k > 1 else 1
 
 
+# Outputs larger than this are written with non-temporal stores (set at import to the LLC size,
+# or CINSTNORM_STREAM_MIN_BYTES; see _config.configure_kernels_from_env).
 cdef Py_ssize_t _stream_min_bytes = 32 * 1024 * 1024
+# The last-level cache (set from the OS at import, see _config.last_level_cache_bytes): the
+# channels-last groups of samples larger than the team's L2 take an eighth of it.  Separate from
+# the streaming-store threshold, so that forcing streaming stores does not change the work split.
+cdef Py_ssize_t _llc_bytes = 32 * 1024 * 1024
 # One core's L2 (set from the OS at import, see _config.l2_cache_bytes): channels-last groups
 # small enough to stay in the team's L2 between their two reads are sized by it.
 cdef Py_ssize_t _l2_bytes = 512 * 1024
@@ -584,7 +590,7 @@ cdef Py_ssize_t _samples_per_group(Py_ssize_t sample_bytes, Py_ssize_t N,
     if sample_bytes <= l2:
         g = (l2 // 2) // sample_bytes
     else:
-        g = (_stream_min_bytes // 8) // sample_bytes
+        g = (_llc_bytes // 8) // sample_bytes
     return 1 if g < 1 else (N if g > N else g)
 
 
@@ -1234,6 +1240,17 @@ def set_l2_bytes(Py_ssize_t nbytes):
 
 def l2_bytes():
     return int(_l2_bytes)
+
+
+def set_llc_bytes(Py_ssize_t nbytes):
+    """The last-level cache size, which sizes the channels-last groups of samples larger than
+    the team's L2 (an eighth of it per group)."""
+    global _llc_bytes
+    _llc_bytes = max(0, nbytes)
+
+
+def llc_bytes():
+    return int(_llc_bytes)
 
 
 def set_min_elements_per_thread(Py_ssize_t n):

@@ -14,6 +14,28 @@ import pytest
 # Make tests/reference.py and tests/helpers.py importable whatever pytest's import mode is.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from helpers import DEFAULT_PROFILE, PROFILES, machine_state, pin_machine, restore_machine  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pinned_caches():
+    """Every test sees the cache sizes of the default machine profile, not the host's: the work
+    splits (and so which kernels run) are the same on every machine.  The SIMD path stays the
+    best this CPU runs; the tests that depend on it pin it (``simd``, ``machine``)."""
+    state = machine_state()
+    pin_machine(DEFAULT_PROFILE, simd=False)
+    yield DEFAULT_PROFILE
+    restore_machine(state)
+
+
+@pytest.fixture(params=sorted(PROFILES))
+def machine(request):
+    """Each machine profile in turn (cache sizes and SIMD path), restored afterwards."""
+    state = machine_state()
+    simd = pin_machine(request.param)
+    yield dict(PROFILES[request.param], name=request.param, simd_pinned=simd)
+    restore_machine(state)
+
 
 @pytest.fixture
 def rng(request):

@@ -52,6 +52,19 @@ def assert_close(actual, expected, dtype=None, grad=False, err_msg=""):
                                err_msg=err_msg, **t)
 
 
+def assert_sums_close(actual, expected, terms_abs_sum, dtype=None, err_msg=""):
+    """Compare per-channel sums (dweight, dbias) by what floating point promises for a sum:
+    the grad tolerance, or a few ulps of the dtype times the sum of the terms' magnitudes,
+    whichever is larger (a channel whose terms cancel to nearly 0 is still accurate to that)."""
+    actual = np.asarray(actual)
+    dt = np.dtype(dtype if dtype is not None else actual.dtype)
+    t = grad_tol(dt)
+    diff = np.abs(np.asarray(actual, dtype=np.float64) - expected)
+    bound = np.maximum(t["atol"] + t["rtol"] * np.abs(expected),
+                       16 * np.finfo(dt).eps * np.asarray(terms_abs_sum))
+    assert np.all(diff <= bound), (err_msg, diff, bound)
+
+
 class Snapshot:
     """Copies of some arrays (None allowed), to check later that nothing modified them."""
 
@@ -116,3 +129,50 @@ def layouts(base, tmp_path=None):
     for name, a in out.items():
         assert np.array_equal(a, base), name
     return out
+
+
+# ---- machine profiles ----------------------------------------------------------------------
+# What a work split or a kernel choice reads of the machine (one core's L2, the last-level cache
+# and with it the streaming-store threshold, the SIMD path) is pinned by the tests, never read
+# from the host: the same suite must pass on every VM kind.  Three profiles of the machines this
+# project runs on; "epyc-zen3" is what every test runs under unless it asks for another.
+KiB, MiB = 1024, 1024 * 1024
+PROFILES = {
+    "epyc-zen3": dict(l2=512 * KiB, llc=32 * MiB, simd="avx2"),
+    "xeon-avx512": dict(l2=2 * MiB, llc=300 * MiB, simd="avx512"),
+    "small-sse2": dict(l2=1 * MiB, llc=8 * MiB, simd="baseline"),
+}
+DEFAULT_PROFILE = "epyc-zen3"
+
+
+def machine_state():
+    """The kernels' machine settings now (to restore them later)."""
+    from cinstnorm import _cpu
+    return dict(l2=_cpu.l2_bytes(), llc=_cpu.llc_bytes(), stream=_cpu.stream_min_bytes(),
+                simd=_cpu.simd_path())
+
+
+def restore_machine(state):
+    from cinstnorm import _cpu
+    _cpu.set_l2_bytes(state["l2"])
+    _cpu.set_llc_bytes(state["llc"])
+    _cpu.set_stream_min_bytes(state["stream"])
+    name = state["simd"]
+    _cpu.select_simd("avx512" if name.startswith("avx512") else
+                     "avx2" if name.startswith("avx2") else "baseline")
+
+
+def pin_machine(name, simd=True):
+    """Give the kernels profile ``name``'s cache sizes (streaming stores above its LLC size)
+    and, with ``simd``, its SIMD path: where this CPU cannot run that path, the baseline path,
+    which every x86-64 (and the portable C build) runs.  Returns the SIMD path pinned."""
+    from cinstnorm import _cpu
+    p = PROFILES[name]
+    _cpu.set_l2_bytes(p["l2"])
+    _cpu.set_llc_bytes(p["llc"])
+    _cpu.set_stream_min_bytes(p["llc"])
+    if not simd:
+        return None
+    path = p["simd"] if p["simd"] in _cpu.simd_supported() else "baseline"
+    _cpu.select_simd(path)
+    return path

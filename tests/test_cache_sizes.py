@@ -8,6 +8,8 @@ import pytest
 import cinstnorm  # noqa: F401  (configures the kernels)
 from cinstnorm import _config, _cpu
 
+from helpers import PROFILES, machine_state, restore_machine
+
 
 def _fake_sysfs(root, caches):
     """cpu0's cache directory with (level, type, size) entries, as Linux lays it out."""
@@ -64,12 +66,42 @@ def test_defaults_when_nothing_is_known(monkeypatch, no_sysconf, tmp_path):
     assert _config.last_level_cache_bytes() == _config.DEFAULT_LLC_BYTES
 
 
-def test_kernels_get_the_l2_size():
-    assert _cpu.l2_bytes() == _config.l2_cache_bytes() > 0
-    assert cinstnorm.config()["l2_bytes"] == _cpu.l2_bytes()
-    before = _cpu.l2_bytes()
+def test_kernels_get_the_cache_sizes(tmp_path, monkeypatch, no_sysconf):
+    # what the import does, on a fake machine: the kernels get its L2 and LLC, and streaming
+    # stores start above the LLC size (or CINSTNORM_STREAM_MIN_BYTES)
+    state = machine_state()
+    monkeypatch.setattr(_config, "SYSFS_CACHE", _fake_sysfs(tmp_path, INTEL))
+    monkeypatch.delenv("CINSTNORM_STREAM_MIN_BYTES", raising=False)
+    monkeypatch.delenv("CINSTNORM_SIMD", raising=False)
+    try:
+        _config.configure_kernels_from_env()
+        assert _cpu.l2_bytes() == 2 * 1024 ** 2
+        assert _cpu.llc_bytes() == _cpu.stream_min_bytes() == 300 * 1024 ** 2
+        assert cinstnorm.config()["l2_bytes"] == 2 * 1024 ** 2
+        assert cinstnorm.config()["llc_bytes"] == 300 * 1024 ** 2
+        monkeypatch.setenv("CINSTNORM_STREAM_MIN_BYTES", "12345")
+        _config.configure_kernels_from_env()
+        assert (_cpu.llc_bytes(), _cpu.stream_min_bytes()) == (300 * 1024 ** 2, 12345)
+        monkeypatch.setenv("CINSTNORM_STREAM_MIN_BYTES", "lots")
+        with pytest.warns(RuntimeWarning, match="not an integer"):
+            _config.configure_kernels_from_env()
+        assert _cpu.stream_min_bytes() == 300 * 1024 ** 2
+    finally:
+        restore_machine(state)
+
+
+def test_cache_setters_clamp_at_zero():
+    state = machine_state()
     try:
         _cpu.set_l2_bytes(-5)
-        assert _cpu.l2_bytes() == 0
+        _cpu.set_llc_bytes(-5)
+        assert _cpu.l2_bytes() == _cpu.llc_bytes() == 0
     finally:
-        _cpu.set_l2_bytes(before)
+        restore_machine(state)
+
+
+def test_the_suite_runs_on_the_default_profile(pinned_caches):
+    # the host's caches are not what the tests see (conftest.pinned_caches)
+    p = PROFILES[pinned_caches]
+    assert (_cpu.l2_bytes(), _cpu.llc_bytes(), _cpu.stream_min_bytes()) == (p["l2"], p["llc"],
+                                                                          p["llc"])

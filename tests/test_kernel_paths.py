@@ -9,9 +9,11 @@ import cinstnorm as cin
 from cinstnorm import _cpu
 
 import reference as ref
-from helpers import assert_close, make_affine, make_x
+from helpers import assert_close, assert_sums_close, make_affine, make_x
 
-PATHS = _cpu.simd_supported()
+# Every path the build compiles; a path this CPU cannot run is reported as a skip (not left out
+# silently): the x86-64 build always compiles all three, dispatched at run time.
+PATHS = ["baseline", "avx2", "avx512"]
 
 SHAPES = [
     (3, 5, 7, 9),          # odd plane: scalar tails everywhere
@@ -23,6 +25,9 @@ SHAPES = [
 
 @pytest.fixture(params=PATHS)
 def simd(request):
+    if request.param not in _cpu.simd_supported():
+        pytest.skip(f"this CPU cannot run the {request.param} path "
+                    f"(it runs {', '.join(_cpu.simd_supported())})")
     before = _cpu.simd_path()
     assert _cpu.select_simd(request.param).startswith(request.param.replace("avx512", "avx512f"))
     yield request.param
@@ -145,35 +150,107 @@ def test_channels_last_every_path(rng, simd, streaming, shape, dtype):
 
 
 # The channels-last sample groups: sized to the team's L2 (a group of one or two samples, several
-# row blocks each, so several groups per call), to the LLC (l2 = 0: all of these samples in one
-# group), and the whole batch in one L2-sized group.
-@pytest.fixture(params=["l2-one-sample", "l2-two-samples", "llc", "l2-everything"])
+# row blocks each, so several groups per call), to the LLC (l2 = 0: an eighth of the profile's
+# LLC per group), the whole batch in one L2-sized group, and the profile's own cache sizes.
+@pytest.fixture(params=["l2-one-sample", "l2-two-samples", "llc", "l2-everything", "profile"])
 def cl_groups(request):
     before = _cpu.l2_bytes()
     yield request.param
     _cpu.set_l2_bytes(before)
 
 
-@pytest.mark.parametrize("shape", [(3, 16, 40, 33), (3, 3, 300, 301), (3, 20, 53, 51)])
+GROUP_SHAPES = [(3, 16, 40, 33), (3, 3, 300, 301), (3, 20, 53, 51)]
+# Samples per group, [forward (one array read), backward (two)], with the profile's own L2 and
+# LLC, worked out by hand from the rule in _cpu._samples_per_group: a sample of s bytes (all
+# arrays) that fits in the team's L2 (2 threads x L2) takes (L2 x 2 / 2) // s per group, a larger
+# one (LLC / 8) // s; at least 1, at most N = 3.  Sample sizes (one array): 84,480 / 168,960 B
+# (shape 0), 1,083,600 / 2,167,200 B (shape 1), 216,240 / 432,480 B (shape 2), float32 / float64.
+PROFILE_GROUPS = {
+    "epyc-zen3": {(0, "float32"): [3, 3], (0, "float64"): [3, 1],
+                  (1, "float32"): [3, 1], (1, "float64"): [1, 1],
+                  (2, "float32"): [2, 1], (2, "float64"): [1, 1]},
+    "xeon-avx512": {(0, "float32"): [3, 3], (0, "float64"): [3, 3],
+                    (1, "float32"): [1, 1], (1, "float64"): [1, 3],
+                    (2, "float32"): [3, 3], (2, "float64"): [3, 2]},
+    "small-sse2": {(0, "float32"): [3, 3], (0, "float64"): [3, 3],
+                   (1, "float32"): [1, 1], (1, "float64"): [1, 1],
+                   (2, "float32"): [3, 2], (2, "float64"): [2, 1]},
+}
+# With l2 = 0 every sample takes the LLC rule: (LLC / 8) // s.
+LLC_GROUPS = {
+    "epyc-zen3": {(0, "float32"): [3, 3], (0, "float64"): [3, 3],
+                  (1, "float32"): [3, 1], (1, "float64"): [1, 1],
+                  (2, "float32"): [3, 3], (2, "float64"): [3, 3]},
+    "xeon-avx512": {key: [3, 3] for key in PROFILE_GROUPS["epyc-zen3"]},
+    "small-sse2": {(0, "float32"): [3, 3], (0, "float64"): [3, 3],
+                   (1, "float32"): [1, 1], (1, "float64"): [1, 1],
+                   (2, "float32"): [3, 2], (2, "float64"): [2, 1]},
+}
+
+
+def _expected_groups(case, profile, shape_index, dtype):
+    if case == "profile":
+        return PROFILE_GROUPS[profile][shape_index, np.dtype(dtype).name]
+    if case == "llc":
+        return LLC_GROUPS[profile][shape_index, np.dtype(dtype).name]
+    return {"l2-one-sample": [1, 1], "l2-two-samples": [2, 1], "l2-everything": [3, 3]}[case]
+
+
+@pytest.mark.parametrize("shape_index", range(len(GROUP_SHAPES)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_channels_last_sample_groups(rng, cl_groups, shape, dtype):
+def test_channels_last_sample_groups(rng, machine, cl_groups, shape_index, dtype):
+    shape = GROUP_SHAPES[shape_index]
     x = _channels_last(make_x(rng, shape, dtype))
     dy = _channels_last(make_x(rng, shape, dtype))
     N, C, L = shape[0], shape[1], shape[2] * shape[3]
     sample = x[0].nbytes
-    _cpu.set_l2_bytes({"l2-one-sample": sample, "l2-two-samples": 2 * sample, "llc": 0,
-                       "l2-everything": 1 << 40}[cl_groups])
+    if cl_groups != "profile":
+        _cpu.set_l2_bytes({"l2-one-sample": sample, "l2-two-samples": 2 * sample, "llc": 0,
+                           "l2-everything": 1 << 40}[cl_groups])
     # samples per group of the forward (one array read) and the backward (two): fewer samples
     # than 2 threads could take whole, so row blocks of each sample are shared out; a group's
     # share per thread takes half of that thread's L2 at most
     groups = [_cpu._ClPlan(N, L, C, x.itemsize, arrays, 2, dtype) for arrays in (1, 2)]
     assert not any(p.fused for p in groups) and all(p.n_threads == 2 for p in groups)
-    assert [p.G for p in groups] == {"l2-one-sample": [1, 1], "l2-two-samples": [2, 1],
-                                     "llc": [N, N], "l2-everything": [N, N]}[cl_groups]
+    assert [p.G for p in groups] == _expected_groups(cl_groups, machine["name"], shape_index,
+                                                     dtype)
+    assert _cpu.simd_path().startswith(machine["simd_pinned"].replace("avx512", "avx512f"))
     w, b = make_affine(rng, shape[1], dtype)
     y, mean, rstd = cin.instance_norm_forward(x, w, b, n_threads=2)
     assert np.moveaxis(y, 1, -1).flags.c_contiguous
     assert_close(y, ref.forward(x, w, b)[0])
-    got = cin.instance_norm_backward(dy, x, mean, rstd, w, n_threads=2)
-    for g, want in zip(got, ref.backward(dy, x, mean, rstd, w)):
-        assert_close(g, want, grad=True)
+    dx, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, w, n_threads=2)
+    want_dx, want_dw, want_db = ref.backward(dy, x, mean, rstd, w)
+    assert_close(dx, want_dx, grad=True)
+    # sums over 3 x 90,300 elements in shape 1: checked against the size of their terms
+    dy64 = dy.astype(np.float64)
+    xhat = (x - mean[..., None, None].astype(np.float64)) * rstd[..., None, None]
+    assert_sums_close(dw, want_dw, np.abs(dy64 * xhat).sum(axis=(0, 2, 3)))
+    assert_sums_close(db, want_db, np.abs(dy64).sum(axis=(0, 2, 3)))
+
+
+# Plans that read the cache sizes, for each machine profile: whole small samples per thread
+# (fused), the row-block split, and streaming stores only for outputs larger than the LLC.
+@pytest.mark.parametrize("shape, dtype, fused", [
+    ((64, 256, 8, 8), np.float32, True),      # tiny: 64 KiB samples, 32 per thread
+    ((8, 128, 64, 64), np.float32, False),    # style: 2 MiB samples, row blocks
+    ((16, 64, 128, 128), np.float32, False),  # dram: 64 MiB
+    ((1, 3, 1024, 1024), np.float64, False),  # few-big: one sample, fewer than the threads
+])
+def test_channels_last_plans_per_profile(machine, shape, dtype, fused):
+    N, C, L = shape[0], shape[1], int(np.prod(shape[2:]))
+    itemsize = np.dtype(dtype).itemsize
+    for arrays in (1, 2):
+        plan = _cpu._ClPlan(N, L, C, itemsize, arrays, 2, dtype)
+        sample = arrays * L * C * itemsize
+        assert plan.n_threads == 2 and plan.fused == fused
+        assert plan.stream == (N * L * C * itemsize > machine["llc"])
+        assert plan.R == (1 if C >= 16 else 16 // np.gcd(C, 16))
+        if fused:
+            assert (plan.G, plan.k) == (N, 1)
+            continue
+        # the documented rule, restated: samples per group, then 2 row blocks per thread
+        team_l2 = 2 * machine["l2"]
+        g = (team_l2 // 2 if sample <= team_l2 else machine["llc"] // 8) // sample
+        assert plan.G == min(max(g, 1), N)
+        assert plan.k == min(max(-(-4 // plan.G), 1), L)

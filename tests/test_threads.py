@@ -67,20 +67,25 @@ def test_explicit_n_threads(rng, n_threads):
 @needs_openmp
 @pytest.mark.parametrize("shape", [(1, 1, 2048, 2048), (1, 1, 64, 128, 128), (1, 3, 300000)])
 def test_few_planes_use_every_thread(rng, shape):
-    # fewer planes than threads: the planes are split so that both threads work (DESIGN.md)
+    # fewer planes than threads: the planes are split so that both threads work (docs/design.md)
     x = make_x(rng, shape, np.float32)
     for name in _calls(x)(2):
         assert _cpu.threads_used_last_call() == 2, name
 
 
 @needs_openmp
-@needs_two_cores
-def test_negative_n_threads(rng):
+@pytest.mark.parametrize("cores", [1, 2, 4])
+def test_negative_n_threads(rng, monkeypatch, cores):
+    # the core count is pinned (not the host's): -1 = all cores, -cores = 1, fewer is an error
+    from cinstnorm import _config
+    monkeypatch.setattr(_config, "available_cores", lambda: cores)
     x = _big(rng)
     cin.instance_norm(x, n_threads=-1)
-    assert _cpu.threads_used_last_call() == CORES
-    cin.instance_norm(x, n_threads=-CORES)
+    assert _cpu.threads_used_last_call() == cores
+    cin.instance_norm(x, n_threads=-cores)
     assert _cpu.threads_used_last_call() == 1
+    with pytest.raises(ValueError, match=f"fewer than one thread \\({cores} cores"):
+        cin.instance_norm(x, n_threads=-cores - 1)
 
 
 @needs_openmp
@@ -108,7 +113,7 @@ def test_results_under_threadpool_limits(rng, threads):
     assert_close(y, ref.forward(x, w, b)[0])
 
 
-def _run_python(code, env_update=None, drop=("OMP_NUM_THREADS",)):
+def _run_python(code, env_update=None, drop=("OMP_NUM_THREADS",), prelude_first=""):
     env = {k: v for k, v in os.environ.items() if k not in drop}
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(cin.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
@@ -125,7 +130,8 @@ def _run_python(code, env_update=None, drop=("OMP_NUM_THREADS",)):
             cin.instance_norm(x, **kw)
             return _cpu.threads_used_last_call()
     """)
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
+    proc = subprocess.run([sys.executable, "-c", prelude_first + prelude + textwrap.dedent(code)],
+                          env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -141,6 +147,16 @@ def test_default_is_all_cores_and_threadpoolctl_limits_it():
             assert used() == 1
         assert used() == CORES
     """)
+
+
+@needs_openmp
+def test_default_follows_the_affinity_mask():
+    # the process may use one core (pinned, whatever the host has): the default is 1 thread
+    _run_python("""
+        assert CORES == 1 and cin.get_num_threads() == 1, (CORES, cin.get_num_threads())
+        assert used() == 1
+        assert used(n_threads=2) == 2
+    """, prelude_first="import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})")
 
 
 @needs_openmp

@@ -15,7 +15,11 @@ import os
 import platform
 import sys
 
-from . import _cpu
+try:
+    from . import _cpu
+except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by the tests
+    from ._source_tree import missing_extension_error
+    raise missing_extension_error(__path__[0], _exc) from None
 from ._config import (available_cores, configure_kernels_from_env, get_num_threads,
                       set_num_threads)
 from .functional import (adain, adain_backward, instance_norm, instance_norm_backward,

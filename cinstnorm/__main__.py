@@ -1,7 +1,9 @@
-"""Command line: ``python -m cinstnorm {demo,info,bench,scaling}``."""
+"""Command line: ``cinstnorm {demo,info,bench,scaling}`` (the console script that ``pip install``
+creates), or the same as ``python -m cinstnorm {demo,info,bench,scaling}``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -29,9 +31,15 @@ def demo() -> None:
     print(f"bias   shape {m.bias.shape}: {m.bias}")
 
 
+def _prog() -> str:
+    """How the user called us: ``python -m cinstnorm`` or the ``cinstnorm`` script."""
+    return ("python -m cinstnorm" if os.path.basename(sys.argv[0]) == "__main__.py"
+            else "cinstnorm")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cinstnorm",
+        prog=_prog(),
         description="cinstnorm: instance normalization on NumPy arrays from compiled kernels.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")

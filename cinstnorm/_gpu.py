@@ -11,7 +11,7 @@ already validated arguments, copy a non-contiguous input to C order (the kernels
 contiguous (P, L) planes, P = N*C), and return outputs with the input's dtype and, when it is
 a dense permutation, its stride order.
 
-Regimes (DESIGN.md, "GPU"): each call runs in one of three, chosen by :func:`choose_plan` from
+Regimes (docs/design.md, "GPU"): each call runs in one of three, chosen by :func:`choose_plan` from
 the slots (16-byte pieces) per plane and the plane count:
 
 - ``group``: G lanes (a power of two <= 32) per plane, the plane in registers.

@@ -1,6 +1,6 @@
 """Shapes, parameter grids and input data shared by every benchmark class.
 
-The shapes are the benchmark table of DESIGN.md. They are written out here, not imported from
+The shapes are the benchmark table of docs/design.md. They are written out here, not imported from
 ``cinstnorm._bench``, so that the suite measures the same thing at every commit asv checks out.
 
 asv re-runs ``setup`` before every sample, so the inputs are memoised per process: each
@@ -40,7 +40,7 @@ def thread_counts():
 
 
 class ShapeDtype:
-    """Benchmark grid over the DESIGN.md shapes and both float dtypes.
+    """Benchmark grid over the docs/design.md shapes and both float dtypes.
 
     asv re-runs ``setup`` before each sample and (with ``setup``) times one call per sample;
     ``repeat`` keeps each parameter combination to a few seconds.

@@ -6,7 +6,9 @@ End-to-end runs use stand-in peers (NumPy behind the peers' interface) so that t
 wiring whatever is installed; the real peers are checked on their own (importorskip).
 """
 import gc
+import importlib.util
 import json
+import pathlib
 import sys
 import weakref
 
@@ -301,3 +303,33 @@ def test_options():
     for bad in (["--latency-only", "--no-latency"], ["--latency-only", "--device", "cuda"]):
         with pytest.raises(SystemExit):
             _bench._parse_args(bad)
+
+
+# ---- tools/peer_accuracy.py ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def accuracy_tool():
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "peer_accuracy.py"
+    spec = importlib.util.spec_from_file_location("peer_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_reference_is_instance_norm(accuracy_tool, rng):
+    x, weight, bias = _inputs(rng, "float64", shape=(2, 3, 6, 5))
+    expected, _, _ = reference_forward(x, weight, bias)
+    np.testing.assert_allclose(accuracy_tool.reference(x, weight, bias), expected, atol=1e-12)
+
+
+def test_accuracy_tool_skips_missing_peers(accuracy_tool, monkeypatch, capsys):
+    for module in ("torch", "onnxruntime", "openvino", "jax"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert accuracy_tool.main(["--shape", "1,2,16,16", "--mean", "1e5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("float32 forward, shape (1, 2, 16, 16), plane mean 100000, std 1")
+    for label, module in (("torch", "torch"), ("onnxruntime", "onnxruntime"),
+                          ("OpenVINO", "openvino"), ("JAX", "jax")):
+        assert f"{label}: {module} not installed: skipped" in lines
+    (row,) = [line for line in lines if line.startswith("cinstnorm ")]
+    assert float(row.split()[-1]) < 1e-5  # shifted statistics: exact x - K at a mean of 1e5

@@ -11,7 +11,13 @@ A channels-last table follows (``--no-channels-last`` skips it): the same arrays
 each timed as a pair in alternating samples with the NCHW one (ratio cl/nchw), and torch's
 forward on the channels-last tensor (paired with cinstnorm's allocating one).
 
-Neither cinstnorm's compiled extension nor torch is imported before a benchmark runs.
+A peers table follows (``--no-peers`` skips it): onnxruntime and OpenVINO running the ONNX
+``InstanceNormalization`` op on the same arrays (forward only, affine, same thread count; see
+``cinstnorm._peers``), timed in the same loop as cinstnorm and checked against its output. Then
+a small-call latency table (``--latency-only`` prints only it, ``--no-latency`` skips it):
+per-call times on two small shapes, with numba's compiled reference too.
+
+Neither cinstnorm's compiled extension nor torch nor a peer is imported before a benchmark runs.
 ``--device cuda|all`` adds GPU rows from ``cinstnorm._bench_gpu``, imported (with CuPy) only then.
 
 Examples
@@ -58,6 +64,9 @@ CIN_NUMPY_KEYS = ("cin_forward", "cin_forward_out", "cin_backward", "cin_backwar
                   "cin_forward_backward", "cin_forward_backward_out", "copyto",
                   "numpy_forward", "numpy_backward", "numpy_forward_backward")
 TORCH_KEYS = ("torch_forward", "torch_backward", "torch_forward_backward")
+# Forward-only peers (cinstnorm._peers); their time keys are f"{name}_forward", their ratios
+# "forward:{name}/cin" over cinstnorm's forward into out= (peers write into preallocated arrays).
+PEERS = ("onnxruntime", "openvino")
 # Against the copy floor (which writes into a preallocated array) cinstnorm also writes into
 # preallocated arrays (out=), so the ratio compares kernels, not the allocator's page faults.
 FLOOR_NUMERATOR = {
@@ -167,6 +176,13 @@ def _import_torch():
     except Exception:  # ImportError, or a broken install (OSError from a shared library)
         return None
     return torch
+
+
+def _import_peers(names: Sequence[str]) -> tuple[dict, list]:
+    """({name: version} of the peers in ``names`` that import, [one skip line per other])."""
+    from ._peers import load_peers
+
+    return load_peers(names)
 
 
 class Progress:
@@ -302,13 +318,17 @@ def _ratio(numerator: Optional[Timing], denominator: Optional[Timing]) -> Option
 
 
 def case_ratios(times: dict[str, Timing]) -> dict[str, Optional[float]]:
-    """"{op}:torch/cin", "{op}:cin/copy" and "{op}:numpy/cin" from best times (None if absent)."""
+    """"{op}:torch/cin", "{op}:cin/copy", "{op}:numpy/cin" and "forward:{peer}/cin" from best
+    times (None if absent)."""
     ratios = {}
     for op in OPS:
         cin_time = times[f"cin_{op}"]
         ratios[f"{op}:torch/cin"] = _ratio(times.get(f"torch_{op}"), cin_time)
         ratios[f"{op}:cin/copy"] = _ratio(times[FLOOR_NUMERATOR[op]], times["copyto"])
         ratios[f"{op}:numpy/cin"] = _ratio(times[f"numpy_{op}"], cin_time)
+    for name in PEERS:
+        ratios[f"forward:{name}/cin"] = _ratio(times.get(f"{name}_forward"),
+                                               times["cin_forward_out"])
     return ratios
 
 
@@ -322,8 +342,12 @@ def geometric_means(cases: Sequence[dict]) -> dict[str, Optional[float]]:
 
 
 def run_benchmarks(shapes, dtypes, threads: int, repeat: int, progress: Progress,
-                   torch=None) -> list[dict]:
-    """Time every (shape, dtype) case; returns one dict per case (times in seconds)."""
+                   torch=None, peers: Sequence[str] = ()) -> list[dict]:
+    """Time every (shape, dtype) case; returns one dict per case (times in seconds). With
+    ``peers`` (names from PEERS), each case also has "peers": their (and torch's) differences
+    from cinstnorm's y, or why a peer cannot run it (see ``cinstnorm._peers.peer_checks``)."""
+    from . import _peers  # imports no peer itself
+
     cases = []
     for name in shapes:
         for dtype in dtypes:
@@ -331,19 +355,27 @@ def run_benchmarks(shapes, dtypes, threads: int, repeat: int, progress: Progress
             progress.show(f"{label}: making inputs")
             x, dy, weight, bias = make_inputs(name, dtype)
             fns = _case_functions(x, dy, weight, bias, threads, torch)
+            peer_runs, unsupported = _peers.peer_forwards(peers, x, weight, bias, threads)
+            fns.update({f"{p}_forward": peer.run for p, peer in peer_runs.items()})
+            for _ in unsupported:  # steps counted for every peer
+                progress.advance()
             times = {}
             for key, fn in fns.items():
                 progress.show(f"{label}: {key}")
                 times[key] = measure(fn, repeat)
                 progress.advance()
             y_err, dx_err = _max_errors(x, dy, weight, bias, threads)
-            del fns, x, dy
-            cases.append({
+            case = {
                 "shape": name, "dims": list(SHAPES[name]), "dtype": dtype,
                 "times": {k: asdict(t) for k, t in times.items()},
                 "ratios": case_ratios(times),
                 "max_abs_err": {"y": y_err, "dx": dx_err},
-            })
+            }
+            if peers:
+                case["peers"] = _peers.peer_checks(peer_runs, unsupported, x, weight, bias,
+                                                   threads, torch)
+            del fns, peer_runs, x, dy
+            cases.append(case)
     return cases
 
 
@@ -676,6 +708,15 @@ def _parse_args(argv):
                         help="skip the channels-last table (the same arrays with (N, *spatial, "
                              "C) memory, forward and backward timed beside the NCHW path; on "
                              "by default, CPU only)")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="skip onnxruntime, OpenVINO and numba (timed when installed: "
+                             'pip install "cinstnorm[peers]")')
+    latency = parser.add_mutually_exclusive_group()
+    latency.add_argument("--latency-only", action="store_true",
+                         help="print only the small-call latency table (per-call µs on "
+                              "(2,3,8,8) and (1,64,16,16); --shapes is ignored)")
+    latency.add_argument("--no-latency", dest="latency", action="store_false",
+                         help="skip the small-call latency table (CPU only)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar on stderr")
@@ -692,6 +733,8 @@ def _parse_args(argv):
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.latency_only and args.device != "cpu":
+        parser.error("--latency-only times the CPU only (drop --device)")
     return args
 
 
@@ -708,7 +751,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     return platform.processor() or None
 
 
-def _environment(threads: int, repeat: int, torch) -> dict:
+def _environment(threads: int, repeat: int, torch, peers: Optional[dict] = None) -> dict:
     import cinstnorm as cin
     from . import _cpu
     from ._config import l2_cache_bytes, last_level_cache_bytes
@@ -717,6 +760,7 @@ def _environment(threads: int, repeat: int, torch) -> dict:
         "threads": threads, "repeat": repeat, "cores": available_cores(),
         "cinstnorm": getattr(cin, "__version__", None), "numpy": np.__version__,
         "torch": None if torch is None else torch.__version__,
+        "peers": peers or {},
         "python": platform.python_version(), "machine": platform.machine(),
         "processor": cpu_model(), "simd_path": _cpu.simd_path(),
         "llc_bytes": last_level_cache_bytes(), "l2_bytes": l2_cache_bytes(),
@@ -728,6 +772,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Returns the process exit status: 0, or 2 for ``--device cuda`` without a usable GPU.
     """
+    from . import _peers  # imports no peer: load_peers does, when one is wanted
+
     args = _parse_args(argv)
     gpu_bench = gpu_torch = gpu_skipped = None
     if args.device != "cpu":
@@ -738,28 +784,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         if gpu_skipped is not None:
             gpu_bench = None
-    run_cpu = args.device != "cuda"
+    run_cpu = args.device != "cuda" and not args.latency_only  # the CPU tables
+    run_latency = args.device != "cuda" and args.latency
     torch = _import_torch()
     saved_torch_threads = None
     if torch is not None:
         saved_torch_threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
+    wanted = (PEERS if run_cpu or run_latency else ()) + (("numba",) if run_latency else ())
+    peer_versions, peer_skips = _import_peers(wanted) if args.peers and wanted else ({}, [])
+    table_peers = [p for p in PEERS if p in peer_versions and run_cpu]
+    latency_peers = [p for p in PEERS + ("numba",) if p in peer_versions]
     run_cl = run_cpu and args.channels_last
-    per_case = (len(CIN_NUMPY_KEYS) + (len(TORCH_KEYS) if torch is not None else 0)) * run_cpu
+    per_case = (len(CIN_NUMPY_KEYS) + (len(TORCH_KEYS) if torch is not None else 0)
+                + len(table_peers)) * run_cpu
     per_case += CL_STEPS_PER_CASE * run_cl
     if gpu_bench is not None:
         gpu_torch = gpu_bench.torch_cuda(torch)
         per_case += gpu_bench.steps_per_case(gpu_torch)
-    progress = Progress(len(args.shapes) * len(args.dtype) * per_case,
-                        enabled=not args.no_progress and sys.stderr.isatty())
-    cases, cl_cases, gpu_cases = [], [], []
+    steps = len(args.shapes) * len(args.dtype) * per_case
+    latency_calls = _peers.LATENCY_CALLS_PER_REPEAT * args.repeat
+    if run_latency:
+        steps += len(args.dtype) * _peers.latency_steps(torch, latency_peers)
+    progress = Progress(steps, enabled=not args.no_progress and sys.stderr.isatty())
+    cases, cl_cases, gpu_cases, latency_cases = [], [], [], []
     try:
         if run_cpu:
             cases = run_benchmarks(args.shapes, args.dtype, args.threads, args.repeat, progress,
-                                   torch)
+                                   torch, table_peers)
         if run_cl:
             cl_cases = run_channels_last_benchmarks(args.shapes, args.dtype, args.threads,
                                                     args.repeat, progress, torch)
+        if run_latency:
+            latency_cases = _peers.run_latency(args.dtype, args.threads, args.repeat, progress,
+                                               torch, latency_peers)
         if gpu_bench is not None:
             gpu_cases = gpu_bench.run_gpu_benchmarks(args.shapes, args.dtype, args.repeat,
                                                      progress, gpu_torch)
@@ -768,7 +826,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if saved_torch_threads is not None:
             torch.set_num_threads(saved_torch_threads)
     geomean = geometric_means(cases)
-    env = _environment(args.threads, args.repeat, torch)
+    env = _environment(args.threads, args.repeat, torch, peer_versions)
     if args.device != "cpu":
         from ._gpu import gpu_status
         env["gpu"] = gpu_status()
@@ -779,16 +837,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"numpy {env['numpy']}, {torch_note}\n{env['processor'] or 'unknown CPU'}, "
           f"SIMD path {env['simd_path']}, L2 {env['l2_bytes'] >> 10} KiB per core, "
           f"last-level cache {env['llc_bytes'] >> 20} MiB")
+    for line in peer_skips:
+        print(line)
     if run_cpu:
         print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
               "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for "
               "y), backward allocates dx as the API does.\n")
         print(format_table(cases, geomean))
+    if table_peers:
+        print(_peers.peers_legend(peer_versions, args.threads))
+        print(_peers.format_peers_table(cases, geomean, table_peers))
     cl_geomean = geometric_means(cl_cases)
     if run_cl:
         print(CL_LEGEND)
         print(format_channels_last_table(cl_cases, cl_geomean))
         warn_channels_last(cl_cases)
+    if run_latency:
+        print(_peers.format_latency_table(latency_cases, args.threads, latency_calls))
     gpu_geomean = geometric_means(gpu_cases)
     if gpu_bench is not None:
         print(gpu_bench.legend(gpu_torch, torch))
@@ -797,9 +862,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif gpu_skipped is not None:
         print(f"GPU rows skipped: {gpu_skipped}")
     warn_errors(cases)
+    if table_peers:
+        _peers.warn_peers(cases)
     if args.json:
         with open(args.json, "w") as f:
             result = {"environment": env, "cases": cases, "geomean": geomean}
+            if run_latency:
+                result["latency"] = {"threads": args.threads, "calls": latency_calls,
+                                     "cases": latency_cases}
             if run_cl:
                 result.update(channels_last_cases=cl_cases, channels_last_geomean=cl_geomean)
             if args.device != "cpu":

@@ -1,6 +1,6 @@
 """Engine behind ``python -m cinstnorm bench``: cinstnorm against torch, NumPy and a memory copy.
 
-For each DESIGN.md shape and dtype it times, in one process and on the same arrays, cinstnorm's
+For each benchmark shape (docs/design.md) and dtype it times, in one process and on the same arrays, cinstnorm's
 forward, backward (from saved statistics, affine weight) and forward + backward; the same three
 with torch CPU (when torch imports) and with a vectorised NumPy reference written here; and
 ``np.copyto`` of the input's bytes, the practical floor of a memory-bound kernel. Every timing is
@@ -684,10 +684,12 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _parse_args(argv):
+    from .__main__ import _prog
+
     parser = argparse.ArgumentParser(
-        prog="python -m cinstnorm bench",
+        prog=f"{_prog()} bench",
         description="Time cinstnorm against torch CPU, a NumPy reference and np.copyto of the "
-                    "same bytes, on the DESIGN.md shapes. Ratios > 1 in torch/cin and numpy/cin "
+                    "same bytes, on the docs/design.md shapes. Ratios > 1 in torch/cin and numpy/cin "
                     "mean cinstnorm is faster; cin/copy is the distance from the copy floor.",
     )
     parser.add_argument("--shapes", default=",".join(SHAPES),

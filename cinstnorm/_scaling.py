@@ -46,9 +46,11 @@ def _name_list(text: str, known: Sequence[str], what: str) -> list:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .__main__ import _prog
+
     cores = available_cores()
     p = argparse.ArgumentParser(
-        prog="python -m cinstnorm scaling",
+        prog=f"{_prog()} scaling",
         description="OpenMP thread scaling of cinstnorm's forward and backward kernels. "
                     "Pin threads with OMP_PROC_BIND=close OMP_PLACES=cores.",
     )

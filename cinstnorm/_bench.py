@@ -604,16 +604,23 @@ CL_LEGEND = (
 )
 
 
-def format_channels_last_table(cases: Sequence[dict], geomean: dict) -> str:
-    """The "channels-last" table: best times (ms), the ratios, the largest difference from
-    the NCHW results and the output layout, then the geometric means of the ratios."""
-    heads = ([h for h, _ in CL_TIME_COLUMNS] + [h for h, _ in CL_RATIO_COLUMNS]
-             + ["max|cl-nchw|", "layout"])
+def case_row(heads: Sequence[str], cases: Sequence[dict]) -> Callable[..., str]:
+    """The row formatter of a per-case table: row(shape, dtype, cells), the shape column as wide
+    as the longest shape name (or "geomean"), each cell right-aligned under its heading."""
     widths = [max(9, len(h) + 2) for h in heads]
     name_w = max([len("geomean")] + [len(c["shape"]) for c in cases])
 
     def row(name: str, dtype: str, cells: Sequence[str]) -> str:
         return f"{name:<{name_w}}  {dtype:<7}" + "".join(f"{s:>{w}}" for s, w in zip(cells, widths))
+    return row
+
+
+def format_channels_last_table(cases: Sequence[dict], geomean: dict) -> str:
+    """The "channels-last" table: best times (ms), the ratios, the largest difference from
+    the NCHW results and the output layout, then the geometric means of the ratios."""
+    heads = ([h for h, _ in CL_TIME_COLUMNS] + [h for h, _ in CL_RATIO_COLUMNS]
+             + ["max|cl-nchw|", "layout"])
+    row = case_row(heads, cases)
 
     lines = ["channels-last", row("shape", "dtype", heads)]
     for c in cases:

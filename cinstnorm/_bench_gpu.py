@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ._bench import (EPS, MIN_SAMPLE_SECONDS, SHAPES, Progress, Timing, make_inputs,
+from ._bench import (EPS, MIN_SAMPLE_SECONDS, SHAPES, Progress, Timing, case_row, make_inputs,
                      numpy_backward, numpy_forward, torch_closures)
 from ._bench import warn_errors as bench_warn_errors
 
@@ -247,11 +247,7 @@ def format_gpu_table(cases: Sequence[dict], geomean: dict, device: str) -> str:
     then the geometric means of the ratios."""
     heads = ([h for h, _ in TIME_COLUMNS] + [h for h, _ in RATIO_COLUMNS]
              + ["fwd GB/s", "launches", "y err"])
-    widths = [max(9, len(h) + 2) for h in heads]
-    name_w = max([len("geomean")] + [len(c["shape"]) for c in cases])
-
-    def row(name: str, dtype: str, cells: Sequence[str]) -> str:
-        return f"{name:<{name_w}}  {dtype:<7}" + "".join(f"{s:>{w}}" for s, w in zip(cells, widths))
+    row = case_row(heads, cases)
 
     lines = [f"GPU ({device})", row("shape", "dtype", heads)]
     for c in cases:

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ._bench import EPS, PEERS, Progress, Timing, _fmt_ratio
+from ._bench import EPS, PEERS, Progress, Timing, _fmt_ratio, case_row
 
 INSTALL_HINT = 'pip install "cinstnorm[peers]"'
 # The modules each peer needs (the ONNX model is built with the onnx package for both).
@@ -309,11 +309,7 @@ def format_peers_table(cases: Sequence[dict], geomean: dict, names: Sequence[str
     heads = (["cin ms", "torch ms"] + [f"{SHORT[n]} ms" for n in names]
              + [f"{SHORT[n]}/cin" for n in names] + ["torch err"]
              + [f"{SHORT[n]} err" for n in names])
-    widths = [max(9, len(h) + 2) for h in heads]
-    name_w = max([len("geomean")] + [len(c["shape"]) for c in cases])
-
-    def row(name: str, dtype: str, cells: Sequence[str]) -> str:
-        return f"{name:<{name_w}}  {dtype:<7}" + "".join(f"{s:>{w}}" for s, w in zip(cells, widths))
+    row = case_row(heads, cases)
 
     lines = ["peers", row("shape", "dtype", heads)]
     for c in cases:

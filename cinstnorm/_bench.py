@@ -1,6 +1,7 @@
 """Engine behind ``python -m cinstnorm bench``: cinstnorm against torch, NumPy and a memory copy.
 
-For each benchmark shape (docs/design.md) and dtype it times, in one process and on the same arrays, cinstnorm's
+For each benchmark shape (docs/design.md) and dtype it times, in one process and on the same
+arrays, cinstnorm's
 forward, backward (from saved statistics, affine weight) and forward + backward; the same three
 with torch CPU (when torch imports) and with a vectorised NumPy reference written here; and
 ``np.copyto`` of the input's bytes, the practical floor of a memory-bound kernel. Every timing is
@@ -696,8 +697,8 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog=f"{_prog()} bench",
         description="Time cinstnorm against torch CPU, a NumPy reference and np.copyto of the "
-                    "same bytes, on the docs/design.md shapes. Ratios > 1 in torch/cin and numpy/cin "
-                    "mean cinstnorm is faster; cin/copy is the distance from the copy floor.",
+                    "same bytes, on the docs/design.md shapes. Ratios > 1 in torch/cin and "
+                    "numpy/cin mean cinstnorm is faster; cin/copy is the distance from the copy floor.",
     )
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help="comma-separated shape names (default: all): " + ", ".join(

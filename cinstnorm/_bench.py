@@ -1,9 +1,8 @@
 """Engine behind ``python -m cinstnorm bench``: cinstnorm against torch, NumPy and a memory copy.
 
 For each benchmark shape (docs/design.md) and dtype it times, in one process and on the same
-arrays, cinstnorm's
-forward, backward (from saved statistics, affine weight) and forward + backward; the same three
-with torch CPU (when torch imports) and with a vectorised NumPy reference written here; and
+arrays, cinstnorm's forward, backward (from saved statistics, affine weight) and forward +
+backward; the same three with torch CPU (when torch imports) and with a vectorised NumPy reference written here; and
 ``np.copyto`` of the input's bytes, the practical floor of a memory-bound kernel. Every timing is
 reported as a ratio measured in the same run, because absolute times hold only on one machine.
 

@@ -780,7 +780,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark and print the table; ``argv`` excludes the ``bench`` word.
 
     Returns the process exit status: 0, or 2 for ``--device cuda`` without a usable GPU.
+    ``--fused`` runs the fused-activation table instead (:mod:`cinstnorm._bench_fused`).
     """
+    if argv is not None and "--fused" in argv:
+        from . import _bench_fused
+        return _bench_fused.main([a for a in argv if a != "--fused"])
     from . import _peers  # imports no peer: load_peers does, when one is wanted
 
     args = _parse_args(argv)

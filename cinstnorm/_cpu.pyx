@@ -42,57 +42,69 @@ cdef extern from "cinstnorm_kernels.h" nogil:
     void cin_chunk_stats_d(const double *x, Py_ssize_t n, double *mean, double *m2)
     void cin_small_forward_f(const float *x, float *y, Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0,
                              const double *w, Py_ssize_t w_n, const double *b, Py_ssize_t b_n,
-                             double eps, double *mean, double *var, double *rstd, int stream)
+                             double eps, double *mean, double *var, double *rstd,
+                             const float *r, int act, float slope, int stream)
     void cin_small_forward_d(const double *x, double *y, Py_ssize_t n, Py_ssize_t L,
                              Py_ssize_t p0, const double *w, Py_ssize_t w_n, const double *b,
                              Py_ssize_t b_n, double eps, double *mean, double *var, double *rstd,
-                             int stream)
+                             const double *r, int act, double slope, int stream)
     void cin_small_backward_f(const float *dy, const float *x, float *dx, Py_ssize_t n,
                               Py_ssize_t L, Py_ssize_t p0, const double *m, Py_ssize_t m_n,
                               const double *r, Py_ssize_t r_n, const double *w, Py_ssize_t w_n,
-                              int use_input_stats, double *sdy, double *sdyx, int stream)
+                              int use_input_stats, double *sdy, double *sdyx, const double *b,
+                              Py_ssize_t b_n, int act, float slope, int stream)
     void cin_small_backward_d(const double *dy, const double *x, double *dx, Py_ssize_t n,
                               Py_ssize_t L, Py_ssize_t p0, const double *m, Py_ssize_t m_n,
                               const double *r, Py_ssize_t r_n, const double *w, Py_ssize_t w_n,
-                              int use_input_stats, double *sdy, double *sdyx, int stream)
+                              int use_input_stats, double *sdy, double *sdyx, const double *b,
+                              Py_ssize_t b_n, int act, double slope, int stream)
     enum: CIN_BLOCK
     enum: CIN_SMALL_BATCH
-    void cin_normalize_f(const float *x, float *y, Py_ssize_t n, float k, float alpha,
-                         float beta, int stream)
-    void cin_normalize_d(const double *x, double *y, Py_ssize_t n, double k, double alpha,
-                         double beta, int stream)
-    void cin_backward_sums_f(const float *dy, const float *x, Py_ssize_t n, float k,
-                             double *sdy, double *sdyx)
+    void cin_normalize_f(const float *x, float *y, const float *r, Py_ssize_t n, float k,
+                         float alpha, float beta, int act, float slope, int stream)
+    void cin_normalize_d(const double *x, double *y, const double *r, Py_ssize_t n, double k,
+                         double alpha, double beta, int act, double slope, int stream)
+    void cin_backward_sums_f(const float *dy, const float *x, Py_ssize_t n, float k, float af,
+                             float bf, int act, float slope, double *sdy, double *sdyx)
     void cin_backward_sums_d(const double *dy, const double *x, Py_ssize_t n, double k,
-                             double *sdy, double *sdyx)
+                             double af, double bf, int act, double slope, double *sdy,
+                             double *sdyx)
     void cin_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t n, float k,
-                           float a, float b, float c, int stream)
+                           float a, float b, float c, float af, float bf, int act, float slope,
+                           int stream)
     void cin_backward_dx_d(const double *dy, const double *x, double *dx, Py_ssize_t n,
-                           double k, double a, double b, double c, int stream)
-    void cin_scale_f(const float *dy, float *dx, Py_ssize_t n, float a, int stream)
-    void cin_scale_d(const double *dy, double *dx, Py_ssize_t n, double a, int stream)
+                           double k, double a, double b, double c, double af, double bf,
+                           int act, double slope, int stream)
+    void cin_scale_f(const float *dy, const float *x, float *dx, Py_ssize_t n, float a, float k,
+                     float af, float bf, int act, float slope, int stream)
+    void cin_scale_d(const double *dy, const double *x, double *dx, Py_ssize_t n, double a,
+                     double k, double af, double bf, int act, double slope, int stream)
     void cin_cl_stats_f(const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
                         float *s1, float *s2, float *k, double *mean, double *m2, int pf)
     void cin_cl_stats_d(const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t ld,
                         double *s1, double *s2, double *k, double *mean, double *m2, int pf)
     void cin_cl_normalize_f(const float *x, float *y, Py_ssize_t rows, Py_ssize_t w,
                             Py_ssize_t ld, const float *k, const float *a, const float *b,
-                            int stream)
+                            const float *res, int act, float slope, int stream)
     void cin_cl_normalize_d(const double *x, double *y, Py_ssize_t rows, Py_ssize_t w,
                             Py_ssize_t ld, const double *k, const double *a, const double *b,
-                            int stream)
+                            const double *res, int act, double slope, int stream)
     void cin_cl_backward_sums_f(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t w,
                                 Py_ssize_t ld, const float *k, float *s1, float *s2,
-                                double *sdy, double *sdyx, int pf)
+                                double *sdy, double *sdyx, int pf, const float *af,
+                                const float *bf, int act, float slope)
     void cin_cl_backward_sums_d(const double *dy, const double *x, Py_ssize_t rows,
                                 Py_ssize_t w, Py_ssize_t ld, const double *k, double *s1,
-                                double *s2, double *sdy, double *sdyx, int pf)
+                                double *s2, double *sdy, double *sdyx, int pf, const double *af,
+                                const double *bf, int act, double slope)
     void cin_cl_backward_dx_f(const float *dy, const float *x, float *dx, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const float *k, const float *a,
-                              const float *b, const float *cc, int stream)
+                              const float *b, const float *cc, const float *af,
+                              const float *bf, int act, float slope, int stream)
     void cin_cl_backward_dx_d(const double *dy, const double *x, double *dx, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const double *k, const double *a,
-                              const double *b, const double *cc, int stream)
+                              const double *b, const double *cc, const double *af,
+                              const double *bf, int act, double slope, int stream)
 
 cdef extern from *:
     """
@@ -215,71 +227,112 @@ cdef inline void _stats(const floating *x, Py_ssize_t n, double *mean,
 cdef inline void _small_forward(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t L,
                                Py_ssize_t p0, const double *w, Py_ssize_t w_n, const double *b,
                                Py_ssize_t b_n, double eps, double *mean, double *var,
-                               double *rstd, int stream) noexcept nogil:
+                               double *rstd, const floating *r, int act, double slope,
+                               int stream) noexcept nogil:
     if floating is float:
-        cin_small_forward_f(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, stream)
+        cin_small_forward_f(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, r, act,
+                            <float>slope, stream)
     else:
-        cin_small_forward_d(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, stream)
+        cin_small_forward_d(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, r, act, slope,
+                            stream)
 
 
 cdef inline void _small_backward(const floating *dy, const floating *x, floating *dx,
                                  Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0, const double[::1] m,
                                  const double[::1] r, const double[::1] w, bint use_input_stats,
-                                 double *sdy, double *sdyx, int stream) noexcept nogil:
+                                 double *sdy, double *sdyx, const double[::1] b, int act,
+                                 double slope, int stream) noexcept nogil:
     """cin_small_backward for planes p0.. (parameters as _param reads them)."""
     cdef const double *mp = &m[0] if m.shape[0] else NULL
     cdef const double *rp = &r[0] if r.shape[0] else NULL
     cdef const double *wp = &w[0] if w.shape[0] else NULL
+    cdef const double *bp = &b[0] if b.shape[0] else NULL
     if floating is float:
         cin_small_backward_f(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
-                             w.shape[0], use_input_stats, sdy, sdyx, stream)
+                             w.shape[0], use_input_stats, sdy, sdyx, bp, b.shape[0], act,
+                             <float>slope, stream)
     else:
         cin_small_backward_d(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
-                             w.shape[0], use_input_stats, sdy, sdyx, stream)
+                             w.shape[0], use_input_stats, sdy, sdyx, bp, b.shape[0], act, slope,
+                             stream)
 
 
 cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
-                            double rstd, double w, double b, int stream) noexcept nogil:
-    """y = (x - mean) * rstd * w + b, evaluated as (x - k) * alpha + beta with k ~ mean."""
+                            double rstd, double w, double b, int stream,
+                            const floating *r=NULL, int act=0,
+                            double slope=0.0) noexcept nogil:
+    """y = act((x - mean) * rstd * w + b) + r, evaluated with (x - k) * alpha + beta, k ~ mean
+    (r: the residual, NULL for none; act: an activation code, see cinstnorm_kernels.h)."""
     cdef floating k = <floating>mean
     cdef double alpha = rstd * w
     cdef double beta = b - (mean - <double>k) * alpha
     if floating is float:
-        cin_normalize_f(x, y, n, k, <float>alpha, <float>beta, stream)
+        cin_normalize_f(x, y, r, n, k, <float>alpha, <float>beta, act, <float>slope, stream)
     else:
-        cin_normalize_d(x, y, n, k, alpha, beta, stream)
+        cin_normalize_d(x, y, r, n, k, alpha, beta, act, slope, stream)
+
+
+cdef inline void _pre_activation(double mean, double rstd, double w, double b, floating *af,
+                                 floating *bf) noexcept nogil:
+    """The forward's t = (x - k) * af + bf (k = mean rounded, as _normalize computes it), which
+    the backward recomputes for the gradient through an activation."""
+    cdef floating k = <floating>mean
+    cdef double alpha = rstd * w
+    af[0] = <floating>alpha
+    bf[0] = <floating>(b - (mean - <double>k) * alpha)
 
 
 cdef inline void _bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean,
-                           double *sdy, double *sdyc) noexcept nogil:
-    """sdy = sum(dy), sdyc = sum(dy * (x - mean)) (centred form)."""
+                           double *sdy, double *sdyc, int act=0, double rstd=1.0, double w=1.0,
+                           double b=0.0, double slope=0.0) noexcept nogil:
+    """sdy = sum(g), sdyc = sum(g * (x - mean)) (centred form); g = dy, or with an activation
+    dy * act'(t) at the forward's t (rstd, w, b: its statistics and parameters)."""
     cdef floating k = <floating>mean
+    cdef floating af = 0, bf = 0
+    if act:
+        _pre_activation(mean, rstd, w, b, &af, &bf)
     if floating is float:
-        cin_backward_sums_f(dy, x, n, k, sdy, sdyc)
+        cin_backward_sums_f(dy, x, n, k, af, bf, act, <float>slope, sdy, sdyc)
     else:
-        cin_backward_sums_d(dy, x, n, k, sdy, sdyc)
+        cin_backward_sums_d(dy, x, n, k, af, bf, act, slope, sdy, sdyc)
     sdyc[0] = sdyc[0] + (<double>k - mean) * sdy[0]
 
 
 cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
                          double mean, double rstd, double w, double sdy, double sdyc,
-                         double inv_count, bint use_input_stats, int stream) noexcept nogil:
-    """dx of one chunk from its plane's sums (see SPEC.md, Backward)."""
+                         double inv_count, bint use_input_stats, int stream, int act=0,
+                         double b=0.0, double slope=0.0) noexcept nogil:
+    """dx of one chunk from its plane's sums (see SPEC.md, Backward), through the activation
+    `act` (b: the forward's bias) when one is given."""
     cdef floating k = <floating>mean
     cdef double a = w * rstd
-    cdef double b, c
+    cdef double bb, c
+    cdef floating af = 0, bf = 0
+    if act:
+        _pre_activation(mean, rstd, w, b, &af, &bf)
     if not use_input_stats:
         if floating is float:
-            cin_scale_f(dy, dx, n, <float>a, stream)
+            cin_scale_f(dy, x, dx, n, <float>a, k, af, bf, act, <float>slope, stream)
         else:
-            cin_scale_d(dy, dx, n, a, stream)
+            cin_scale_d(dy, x, dx, n, a, k, af, bf, act, slope, stream)
         return
-    b = -a * rstd * rstd * sdyc * inv_count
-    c = -a * sdy * inv_count + b * (<double>k - mean)
+    bb = -a * rstd * rstd * sdyc * inv_count
+    c = -a * sdy * inv_count + bb * (<double>k - mean)
     if floating is float:
-        cin_backward_dx_f(dy, x, dx, n, k, <float>a, <float>b, <float>c, stream)
+        cin_backward_dx_f(dy, x, dx, n, k, <float>a, <float>bb, <float>c, af, bf, act,
+                          <float>slope, stream)
     else:
-        cin_backward_dx_d(dy, x, dx, n, k, a, b, c, stream)
+        cin_backward_dx_d(dy, x, dx, n, k, a, bb, c, af, bf, act, slope, stream)
+
+
+cdef inline const floating *_at(const floating *base, Py_ssize_t i) noexcept nogil:
+    """base + i, or NULL for no array (the residual)."""
+    return NULL if base == NULL else base + i
+
+
+cdef inline const floating *_rows(const floating *base, Py_ssize_t p, Py_ssize_t L) noexcept nogil:
+    """Plane p of a C-contiguous (P, L) array at base, or NULL for no array."""
+    return NULL if base == NULL else base + p * L
 
 
 # ---- drivers ------------------------------------------------------------------------------
@@ -292,9 +345,12 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
                              double[::1] mean,             # OUT (P,)
                              double[::1] var,              # OUT (P,) biased variance
                              double[::1] rstd,             # OUT (P,) 1/sqrt(var + eps)
-                             int n_threads) except -1:
-    """Instance statistics of every plane, then y normalized with them."""
+                             int n_threads,
+                             const floating[:, ::1] residual,  # IN (P, L) or None; may be y
+                             int act, double slope) except -1:
+    """Instance statistics of every plane, then y = act(normalized) + residual."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    cdef const floating *rp = NULL if residual is None else &residual[0, 0]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
@@ -312,7 +368,7 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
                     p = i * CIN_SMALL_BATCH
                     _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
                                    weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
-                                   &rstd[p], stream)
+                                   &rstd[p], _rows(rp, p, L), act, slope, stream)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -320,7 +376,7 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
                 p = i * CIN_SMALL_BATCH
                 _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
                                weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
-                               &rstd[p], stream)
+                               &rstd[p], _rows(rp, p, L), act, slope, stream)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
@@ -330,7 +386,7 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
                 var[p] = var[p] * inv_l
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
                 _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], _param(weight, p, 1.0),
-                           _param(bias, p, 0.0), stream)
+                           _param(bias, p, 0.0), stream, _rows(rp, p, L), act, slope)
         return 0
     cmean = np.empty(P * k, dtype=np.float64)
     cm2 = np.empty(P * k, dtype=np.float64)
@@ -354,7 +410,7 @@ cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], _param(weight, p, 1.0),
-                       _param(bias, p, 0.0), stream)
+                       _param(bias, p, 0.0), stream, _at(rp, p * L + lo), act, slope)
     return 0
 
 
@@ -364,9 +420,12 @@ cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
                          const double[::1] rstd,           # IN  (P,) given 1/sqrt(var + eps)
                          const double[::1] weight,         # IN  (P,)
                          const double[::1] bias,           # IN  (P,)
-                         int n_threads) except -1:
-    """y = (x - mean) * rstd * weight + bias with given per-plane statistics."""
+                         int n_threads,
+                         const floating[:, ::1] residual,  # IN (P, L) or None; may be y
+                         int act, double slope) except -1:
+    """y = act((x - mean) * rstd * weight + bias) + residual with given per-plane statistics."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
+    cdef const floating *rp = NULL if residual is None else &residual[0, 0]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
@@ -379,7 +438,8 @@ cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
             _normalize(&x[p, lo], &y[p, lo], hi - lo, _param(mean, p, 0.0), _param(rstd, p, 1.0),
-                       _param(weight, p, 1.0), _param(bias, p, 0.0), stream)
+                       _param(weight, p, 1.0), _param(bias, p, 0.0), stream,
+                       _at(rp, p * L + lo), act, slope)
     return 0
 
 
@@ -392,8 +452,12 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
                         double[::1] sum_dy,                # OUT (P,) sum(dy)
                         double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
                         bint use_input_stats,
-                        int n_threads) except -1:
-    """dx and the per-plane sums that dweight/dbias reduce from."""
+                        int n_threads,
+                        const double[::1] bias,            # IN  (P,), (C,) or empty: the
+                                                           #     forward's shift (activations)
+                        int act, double slope) except -1:
+    """dx and the per-plane sums that dweight/dbias reduce from, through the activation `act`
+    (the gradient g = dy * act'(t) takes dy's place, t recomputed from x)."""
     cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
@@ -410,7 +474,7 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
                     p = i * CIN_SMALL_BATCH
                     _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p),
                                     L, p, mean, rstd, weight, use_input_stats, &sum_dy[p],
-                                    &sum_dy_xhat[p], stream)
+                                    &sum_dy_xhat[p], bias, act, slope, stream)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -418,17 +482,19 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
                 p = i * CIN_SMALL_BATCH
                 _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p), L,
                                 p, mean, rstd, weight, use_input_stats, &sum_dy[p],
-                                &sum_dy_xhat[p], stream)
+                                &sum_dy_xhat[p], bias, act, slope, stream)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for p in prange(P, schedule='static'):
                 _bwd_sums(&dy[p, 0], &x[p, 0], L, _param(mean, p, 0.0), &sum_dy[p],
-                          &sum_dy_xhat[p])
+                          &sum_dy_xhat[p], act, _param(rstd, p, 1.0), _param(weight, p, 1.0),
+                          _param(bias, p, 0.0), slope)
                 _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, _param(mean, p, 0.0),
                         _param(rstd, p, 1.0), _param(weight, p, 1.0),
-                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
+                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
+                        _param(bias, p, 0.0), slope)
                 sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
         return 0
     cg = np.empty(P * k, dtype=np.float64)
@@ -440,7 +506,9 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             j = i % k
             lo = _chunk_start(L, k, j)
             hi = _chunk_start(L, k, j + 1)
-            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, _param(mean, p, 0.0), &cg[i], &cc[i])
+            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, _param(mean, p, 0.0), &cg[i], &cc[i],
+                      act, _param(rstd, p, 1.0), _param(weight, p, 1.0), _param(bias, p, 0.0),
+                      slope)
         cin_barrier()
         for p in prange(P, schedule='static'):
             sg = 0.0
@@ -458,7 +526,8 @@ cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
             hi = _chunk_start(L, k, j + 1)
             _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, _param(mean, p, 0.0),
                     _param(rstd, p, 1.0), _param(weight, p, 1.0),
-                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
+                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
+                    _param(bias, p, 0.0), slope)
         cin_barrier()
         for p in prange(P, schedule='static'):
             sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
@@ -544,31 +613,39 @@ cdef inline void _cl_stats(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_
 
 cdef inline void _cl_normalize(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t w,
                                Py_ssize_t ld, const floating *k, const floating *a,
-                               const floating *b, int stream) noexcept nogil:
+                               const floating *b, int stream, const floating *res=NULL,
+                               int act=0, double slope=0.0) noexcept nogil:
     if floating is float:
-        cin_cl_normalize_f(x, y, rows, w, ld, k, a, b, stream)
+        cin_cl_normalize_f(x, y, rows, w, ld, k, a, b, res, act, <float>slope, stream)
     else:
-        cin_cl_normalize_d(x, y, rows, w, ld, k, a, b, stream)
+        cin_cl_normalize_d(x, y, rows, w, ld, k, a, b, res, act, slope, stream)
 
 
 cdef inline void _cl_bwd_sums(const floating *dy, const floating *x, Py_ssize_t rows,
                               Py_ssize_t w, Py_ssize_t ld, const floating *k, floating *s1,
-                              floating *s2, double *sdy, double *sdyx, int pf) noexcept nogil:
+                              floating *s2, double *sdy, double *sdyx, int pf,
+                              const floating *af, const floating *bf, int act,
+                              double slope) noexcept nogil:
     if floating is float:
-        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf)
+        cin_cl_backward_sums_f(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf, af, bf, act,
+                               <float>slope)
     else:
-        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf)
+        cin_cl_backward_sums_d(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf, af, bf, act, slope)
 
 
 cdef inline void _cl_bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
                             Py_ssize_t w, Py_ssize_t ld, const floating *k, const floating *a,
-                            const floating *b, const floating *cc, int stream) noexcept nogil:
-    """dx from the gradient coefficients; with use_input_stats off (b = cc = 0) call it with
-    x = dy and k = cc = 0 (see the callers), so that x (an Inf, a NaN) cannot leak in."""
+                            const floating *b, const floating *cc, int stream,
+                            const floating *af, const floating *bf, int act,
+                            double slope) noexcept nogil:
+    """dx from the gradient coefficients (through the activation `act`, its pre-activation
+    t = (x - k) * af + bf); cc = NULL: fixed statistics, dx = a * g.  (Fixed statistics without
+    an activation use _cl_normalize with dy as x, see _cl_item_dx.)"""
     if floating is float:
-        cin_cl_backward_dx_f(dy, x, dx, rows, w, ld, k, a, b, cc, stream)
+        cin_cl_backward_dx_f(dy, x, dx, rows, w, ld, k, a, b, cc, af, bf, act, <float>slope,
+                             stream)
     else:
-        cin_cl_backward_dx_d(dy, x, dx, rows, w, ld, k, a, b, cc, stream)
+        cin_cl_backward_dx_d(dy, x, dx, rows, w, ld, k, a, b, cc, af, bf, act, slope, stream)
 
 
 cdef Py_ssize_t _samples_per_group(Py_ssize_t sample_bytes, Py_ssize_t N,
@@ -807,7 +884,8 @@ class _ClPlan:
         # (k == 1): per thread instead, reused sample after sample (fewer fresh pages per call)
         owners = self.n_threads if self.fused else N
         self.scratch = np.empty((owners * self.k, 3, RC), dtype=dt)
-        self.coef = np.empty((4, owners, RC + CL_PAD), dtype=dt)
+        # rows: k, a, b (forward: beta), cc, and for an activation the forward's af, bf
+        self.coef = np.empty((6, owners, RC + CL_PAD), dtype=dt)
         # partial results per item: RC virtual channels, then C for the leftover rows
         self.part = np.empty((2, owners * self.k, RC + C), dtype=np.float64)
 
@@ -821,8 +899,11 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
                           double[::1] var,              # OUT (P,) biased variance
                           double[::1] rstd,             # OUT (P,)
                           bint use_input_stats,         # False: mean/var given (eval)
-                          int n_threads) except -1:
-    """Channels-last forward: statistics (unless given) then normalization."""
+                          int n_threads,
+                          const floating[:, :, ::1] residual,  # IN (N, L, C) or None
+                          int act, double slope) except -1:
+    """Channels-last forward: statistics (unless given) then normalization, the activation
+    and the residual."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], k, R, G
     dt = np.float32 if floating is float else np.float64
     plan = _ClPlan(N, L, C, sizeof(floating), 1, n_threads, dt)
@@ -831,8 +912,9 @@ cdef int _forward_cl_impl(const floating[:, :, ::1] x,  # IN  (N, L, C)
     cdef int team = plan.n_threads, stream = plan.stream
     cdef bint fused = plan.fused
     k, R, G = plan.k, plan.R, plan.G
+    cdef const floating *rp = NULL if residual is None else &residual[0, 0, 0]
     _forward_cl_groups(x, y, weight, bias, eps, mean, var, rstd, use_input_stats, team, G, k, R,
-                       scratch, coef, part, stream, fused)
+                       scratch, coef, part, stream, fused, rp, act, slope)
     return 0
 
 
@@ -852,14 +934,16 @@ cdef inline void _cl_item_stats(const floating *x0, Py_ssize_t full, Py_ssize_t 
 
 cdef inline void _cl_item_normalize(const floating *x0, floating *y0, Py_ssize_t full,
                                     Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C,
-                                    const floating *row, Py_ssize_t t, int stream) noexcept nogil:
+                                    const floating *row, Py_ssize_t t, int stream,
+                                    const floating *r0, int act, double slope) noexcept nogil:
     """Normalize one item with its sample's coefficient rows (k at row, a at row + t, beta at
-    row + 2 t)."""
+    row + 2 t), then the activation and the residual (r0: the item's rows of it, or NULL)."""
     cdef Py_ssize_t RC = R * C
     if full > 0:
-        _cl_normalize(x0, y0, full, RC, RC, row, row + t, row + 2 * t, stream)
+        _cl_normalize(x0, y0, full, RC, RC, row, row + t, row + 2 * t, stream, r0, act, slope)
     if rem > 0:
-        _cl_normalize(x0 + full * RC, y0 + full * RC, rem, C, C, row, row + t, row + 2 * t, 0)
+        _cl_normalize(x0 + full * RC, y0 + full * RC, rem, C, C, row, row + t, row + 2 * t, 0,
+                      _at(r0, full * RC), act, slope)
 
 
 cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
@@ -867,7 +951,8 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                             double[::1] mean, double[::1] var, double[::1] rstd,
                             bint use_input_stats, int n_threads, Py_ssize_t G, Py_ssize_t k,
                             Py_ssize_t R, floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
-                            double[:, :, ::1] part, int stream, bint fused) except -1:
+                            double[:, :, ::1] part, int stream, bint fused,
+                            const floating *rp, int act, double slope) except -1:
     """The channels-last forward, G samples at a time: their statistics, merge, normalize, all
     groups in one parallel region.  fused (k == 1): each thread takes whole samples through all
     three steps, no barrier."""
@@ -902,7 +987,7 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                                              _param_pc(weight, p, c, 1.0),
                                              _param_pc(bias, p, c, 0.0))
                 _cl_item_normalize(&x[n, 0, 0], &y[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
-                                   T, stream)
+                                   T, stream, _at(rp, n * L * C), act, slope)
     else:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -932,7 +1017,8 @@ cdef int _forward_cl_groups(const floating[:, :, ::1] x, floating[:, :, ::1] y,
                 for i in range(last - 1, first - 1, -1):
                     it = _cl_item(L, k, R, i)
                     _cl_item_normalize(&x[it.s, it.lo, 0], &y[it.s, it.lo, 0], it.full, it.rem,
-                                       R, C, &coef[0, it.s, 0], T, stream)
+                                       R, C, &coef[0, it.s, 0], T, stream,
+                                       _at(rp, (it.s * L + it.lo) * C), act, slope)
     return 0
 
 
@@ -945,8 +1031,10 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
                            double[::1] sum_dy,            # OUT (P,)
                            double[::1] sum_dy_xhat,       # OUT (P,)
                            bint use_input_stats,
-                           int n_threads) except -1:
-    """Channels-last backward: per-channel sums, then dx."""
+                           int n_threads,
+                           const double[::1] bias,        # IN  (P,), (C,) or empty (activations)
+                           int act, double slope) except -1:
+    """Channels-last backward: per-channel sums, then dx (through the activation `act`)."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], k, R, G
     dt = np.float32 if floating is float else np.float64
     plan = _ClPlan(N, L, C, sizeof(floating), 2, n_threads, dt)
@@ -956,7 +1044,7 @@ cdef int _backward_cl_impl(const floating[:, :, ::1] dy,  # IN  (N, L, C)
     cdef bint fused = plan.fused
     k, R, G = plan.k, plan.R, plan.G
     _backward_cl_groups(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, use_input_stats,
-                        team, G, k, R, scratch, coef, part, stream, fused)
+                        team, G, k, R, scratch, coef, part, stream, fused, bias, act, slope)
     return 0
 
 
@@ -986,28 +1074,52 @@ cdef inline void _cl_bwd_channel(floating *row, Py_ssize_t t, Py_ssize_t c, Py_s
     _set_lanes(row + 3 * t, c, C, RC, cc)
 
 
+cdef inline void _cl_pre_act_lanes(floating *row, Py_ssize_t t, Py_ssize_t c, Py_ssize_t C,
+                                   Py_ssize_t RC, double mean, double rstd, double w,
+                                   double b) noexcept nogil:
+    """The forward's pre-activation coefficients of plane (n, c) (_pre_activation) into every
+    lane of channel c of rows row + 4 t (af) and row + 5 t (bf), row = &coef[0, n, 0]."""
+    cdef floating af, bf
+    _pre_activation(mean, rstd, w, b, &af, &bf)
+    _set_lanes(row + 4 * t, c, C, RC, af)
+    _set_lanes(row + 5 * t, c, C, RC, bf)
+
+
 cdef inline void _cl_item_sums(const floating *g0, const floating *x0, Py_ssize_t full,
                                Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C, const floating *krow,
-                               floating *scr, double *pg, double *px, int pf) noexcept nogil:
+                               floating *scr, double *pg, double *px, int pf, Py_ssize_t t=0,
+                               int act=0, double slope=0.0) noexcept nogil:
     """Partial backward sums of one item (layout and pf of _cl_item_stats; k: the sample's
-    shift row); pg/px are zeroed first, so parts an item lacks add nothing."""
+    shift row, with an activation's af, bf at krow + 4 t, krow + 5 t); pg/px are zeroed first,
+    so parts an item lacks add nothing."""
     cdef Py_ssize_t RC = R * C, j
     for j in range(RC + C):
         pg[j] = 0.0
         px[j] = 0.0
     if full > 0:
-        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px, pf)
+        _cl_bwd_sums(g0, x0, full, RC, RC, krow, scr, scr + RC, pg, px, pf, krow + 4 * t,
+                     krow + 5 * t, act, slope)
     if rem > 0:
         _cl_bwd_sums(g0 + full * RC, x0 + full * RC, rem, C, C, krow, scr, scr + RC, pg + RC,
-                     px + RC, pf)
+                     px + RC, pf, krow + 4 * t, krow + 5 * t, act, slope)
 
 
 cdef inline void _cl_item_dx(const floating *g0, const floating *x0, floating *d0,
                              Py_ssize_t full, Py_ssize_t rem, Py_ssize_t R, Py_ssize_t C,
                              const floating *row, Py_ssize_t t, bint use_input_stats,
-                             int stream) noexcept nogil:
-    """dx of one item from its sample's coefficient rows (k, a, b, cc at row + 0..3 t)."""
+                             int stream, int act=0, double slope=0.0) noexcept nogil:
+    """dx of one item from its sample's coefficient rows (k, a, b, cc at row + 0..3 t; an
+    activation's af, bf at row + 4 t, row + 5 t)."""
     cdef Py_ssize_t RC = R * C
+    cdef const floating *cc = NULL if not use_input_stats else row + 3 * t
+    if act:  # fixed statistics too: cc = NULL, dx = a * g
+        if full > 0:
+            _cl_bwd_dx(g0, x0, d0, full, RC, RC, row, row + t, row + 2 * t, cc, stream,
+                       row + 4 * t, row + 5 * t, act, slope)
+        if rem > 0:
+            _cl_bwd_dx(g0 + full * RC, x0 + full * RC, d0 + full * RC, rem, C, C, row, row + t,
+                       row + 2 * t, cc, 0, row + 4 * t, row + 5 * t, act, slope)
+        return
     if not use_input_stats:
         # dx = a * dy, written so that x and the mean (an Inf, a NaN) cannot leak in; b and cc
         # are 0 here and serve as offset and shift
@@ -1018,10 +1130,11 @@ cdef inline void _cl_item_dx(const floating *g0, const floating *x0, floating *d
                           row + 2 * t, 0)
         return
     if full > 0:
-        _cl_bwd_dx(g0, x0, d0, full, RC, RC, row, row + t, row + 2 * t, row + 3 * t, stream)
+        _cl_bwd_dx(g0, x0, d0, full, RC, RC, row, row + t, row + 2 * t, row + 3 * t, stream,
+                   NULL, NULL, 0, 0.0)
     if rem > 0:
         _cl_bwd_dx(g0 + full * RC, x0 + full * RC, d0 + full * RC, rem, C, C, row, row + t,
-                   row + 2 * t, row + 3 * t, 0)
+                   row + 2 * t, row + 3 * t, 0, NULL, NULL, 0, 0.0)
 
 
 cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -1030,10 +1143,11 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                              double[::1] sum_dy, double[::1] sum_dy_xhat, bint use_input_stats,
                              int n_threads, Py_ssize_t G, Py_ssize_t k, Py_ssize_t R,
                              floating[:, :, ::1] scratch, floating[:, :, ::1] coef,
-                             double[:, :, ::1] part, int stream, bint fused) except -1:
+                             double[:, :, ::1] part, int stream, bint fused,
+                             const double[::1] bias, int act, double slope) except -1:
     """The channels-last backward, G samples at a time: sums, merge, dx, all groups in one
-    parallel region.  fused (k == 1): each thread takes whole samples through all the steps,
-    no barrier."""
+    parallel region, through the activation `act` (bias: the forward's).  fused (k == 1): each
+    thread takes whole samples through all the steps, no barrier."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2], RC = R * C, g0, g1
     cdef Py_ssize_t T = coef.strides[0] // sizeof(floating)  # one coefficient row to the next
     cdef Py_ssize_t i, j, n, c, p, full, rem, t, first, last
@@ -1053,8 +1167,16 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                     for c in range(C):
                         _set_lanes(&coef[0, t, 0], c, C, RC,
                                    <floating>_param_pc(mean, n * C + c, c, 0.0))
+                if act:
+                    for c in range(C):
+                        p = n * C + c
+                        _cl_pre_act_lanes(&coef[0, t, 0], T, c, C, RC, _param_pc(mean, p, c, 0.0),
+                                          _param_pc(rstd, p, c, 1.0),
+                                          _param_pc(weight, p, c, 1.0),
+                                          _param_pc(bias, p, c, 0.0))
                 _cl_item_sums(&dy[n, 0, 0], &x[n, 0, 0], full, rem, R, C, &coef[0, t, 0],
-                              &scratch[t, 0, 0], &part[0, t, 0], &part[1, t, 0], 0)
+                              &scratch[t, 0, 0], &part[0, t, 0], &part[1, t, 0], 0, T, act,
+                              slope)
                 if R == 1:
                     _cl_bwd_sample_r1(&coef[0, t, 0], T, n, C, L, &part[0, t, 0], &part[1, t, 0],
                                       mean, rstd, weight, use_input_stats, &sum_dy[n * C],
@@ -1070,7 +1192,7 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                                         _param_pc(weight, p, c, 1.0), use_input_stats,
                                         &sum_dy[p], &sum_dy_xhat[p])
                 _cl_item_dx(&dy[n, 0, 0], &x[n, 0, 0], &dx[n, 0, 0], full, rem, R, C,
-                            &coef[0, t, 0], T, use_input_stats, stream)
+                            &coef[0, t, 0], T, use_input_stats, stream, act, slope)
     else:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -1079,6 +1201,10 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                 g1 = g0 + G if g0 + G < N else N
                 for p in prange(g0 * C, g1 * C, schedule='static'):
                     _set_lanes(&coef[0, p // C, 0], p % C, C, RC, <floating>_param(mean, p, 0.0))
+                    if act:
+                        _cl_pre_act_lanes(&coef[0, p // C, 0], T, p % C, C, RC,
+                                          _param(mean, p, 0.0), _param(rstd, p, 1.0),
+                                          _param(weight, p, 1.0), _param(bias, p, 0.0))
                 cin_barrier()
                 # this thread's items (assigned in the parallel block: thread-private)
                 first = _thread_share(g0 * k, g1 * k, 0)
@@ -1087,7 +1213,7 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                     it = _cl_item(L, k, R, i)
                     _cl_item_sums(&dy[it.s, it.lo, 0], &x[it.s, it.lo, 0], it.full, it.rem, R, C,
                                   &coef[0, it.s, 0], &scratch[i, 0, 0], &part[0, i, 0],
-                                  &part[1, i, 0], 1)
+                                  &part[1, i, 0], 1, T, act, slope)
                 cin_barrier()
                 for p in prange(g0 * C, g1 * C, schedule='static'):
                     n = p // C
@@ -1104,50 +1230,56 @@ cdef int _backward_cl_groups(const floating[:, :, ::1] dy, const floating[:, :, 
                     it = _cl_item(L, k, R, i)
                     _cl_item_dx(&dy[it.s, it.lo, 0], &x[it.s, it.lo, 0], &dx[it.s, it.lo, 0],
                                 it.full, it.rem, R, C, &coef[0, it.s, 0], T, use_input_stats,
-                                stream)
+                                stream, act, slope)
     return 0
 
 
 _F32 = np.dtype(np.float32)
+_NO_PARAM = np.empty(0)  # an absent per-plane parameter
 
 
 # Thin def wrappers: a fused-type def function dispatches on its arguments' types in Python
 # (microseconds per call); choosing the specialization from x.dtype is far cheaper.
 
-def forward_train(x, y, weight, bias, double eps, stats, int n_threads):
+def forward_train(x, y, weight, bias, double eps, stats, int n_threads, residual=None,
+                  int act=0, double slope=0.0):
     """Instance statistics of every (P, L) plane of x into stats (float64 (3, P): mean, biased
-    variance, rstd), then y = (x - mean) * rstd * weight + bias; x and y are C-contiguous
-    float32 or float64."""
+    variance, rstd), then y = act((x - mean) * rstd * weight + bias) + residual; x, y (and the
+    residual, x's shape and dtype, or None) are C-contiguous float32 or float64; act is an
+    activation code (cinstnorm_kernels.h), slope LeakyReLU's."""
     cdef double[:, ::1] st = stats  # one buffer for the three (each costs a buffer request)
     if x.itemsize == 4:  # float32 (the callers pass float32 or float64)
         _forward_train_impl[cython.float](x, y, weight, bias, eps, st[0], st[1], st[2],
-                                          n_threads)
+                                          n_threads, residual, act, slope)
     else:
         _forward_train_impl[cython.double](x, y, weight, bias, eps, st[0], st[1], st[2],
-                                           n_threads)
+                                           n_threads, residual, act, slope)
 
 
 def forward_channels_last(x, y, weight, bias, double eps, mean, var, rstd,
-                          bint use_input_stats, int n_threads):
+                          bint use_input_stats, int n_threads, residual=None, int act=0,
+                          double slope=0.0):
     """Forward on (N, L, C) C-contiguous x and y (channels-last memory). With use_input_stats
-    the statistics go into mean/var/rstd (P,); without, mean and rstd are read from them."""
+    the statistics go into mean/var/rstd (P,); without, mean and rstd are read from them.
+    residual ((N, L, C) like x, or None), act, slope: as forward_train."""
     if x.dtype == _F32:
         _forward_cl_impl[cython.float](x, y, weight, bias, eps, mean, var, rstd,
-                                       use_input_stats, n_threads)
+                                       use_input_stats, n_threads, residual, act, slope)
     else:
         _forward_cl_impl[cython.double](x, y, weight, bias, eps, mean, var, rstd,
-                                        use_input_stats, n_threads)
+                                        use_input_stats, n_threads, residual, act, slope)
 
 
 def backward_channels_last(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                           bint use_input_stats, int n_threads):
+                           bint use_input_stats, int n_threads, bias=_NO_PARAM, int act=0,
+                           double slope=0.0):
     """backward() for (N, L, C) C-contiguous dy, x and dx (channels-last memory)."""
     if x.dtype == _F32:
         _backward_cl_impl[cython.float](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                        use_input_stats, n_threads)
+                                        use_input_stats, n_threads, bias, act, slope)
     else:
         _backward_cl_impl[cython.double](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                         use_input_stats, n_threads)
+                                         use_input_stats, n_threads, bias, act, slope)
 
 
 def plane_stats(x, mean, var, int n_threads):
@@ -1158,23 +1290,29 @@ def plane_stats(x, mean, var, int n_threads):
         _plane_stats_impl[cython.double](x, mean, var, n_threads)
 
 
-def normalize(x, y, mean, rstd, weight, bias, int n_threads):
-    """y = (x - mean) * rstd * weight + bias with given per-plane float64 (P,) statistics."""
+def normalize(x, y, mean, rstd, weight, bias, int n_threads, residual=None, int act=0,
+              double slope=0.0):
+    """y = act((x - mean) * rstd * weight + bias) + residual with given per-plane float64 (P,)
+    statistics (residual, act, slope: as forward_train)."""
     if x.dtype == _F32:
-        _normalize_impl[cython.float](x, y, mean, rstd, weight, bias, n_threads)
+        _normalize_impl[cython.float](x, y, mean, rstd, weight, bias, n_threads, residual, act,
+                                      slope)
     else:
-        _normalize_impl[cython.double](x, y, mean, rstd, weight, bias, n_threads)
+        _normalize_impl[cython.double](x, y, mean, rstd, weight, bias, n_threads, residual, act,
+                                       slope)
 
 
 def backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, bint use_input_stats,
-             int n_threads):
-    """dx from dy, x and per-plane statistics; per-plane sum(dy) and sum(dy * xhat)."""
+             int n_threads, bias=_NO_PARAM, int act=0, double slope=0.0):
+    """dx from dy, x and per-plane statistics; per-plane sum(g) and sum(g * xhat), g = dy or,
+    with an activation code act, dy * act'(t) at the forward's t = xhat * weight + bias
+    (bias: (P,), (C,) or empty float64, read only with an activation)."""
     if x.dtype == _F32:
         _backward_impl[cython.float](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                     use_input_stats, n_threads)
+                                     use_input_stats, n_threads, bias, act, slope)
     else:
         _backward_impl[cython.double](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                      use_input_stats, n_threads)
+                                      use_input_stats, n_threads, bias, act, slope)
 
 
 # ---- build and runtime facts ----------------------------------------------------------------

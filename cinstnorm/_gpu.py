@@ -397,7 +397,8 @@ def _prepare(cupy, kind: str, plan, x, *more):
 
 # ---- entry points -------------------------------------------------------------------------
 
-def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan] = None):
+def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan] = None,
+            residual=None, act: int = 0, slope: float = 0.0):
     """Normalize with instance statistics.
 
     Parameters
@@ -408,6 +409,8 @@ def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan
     eps : float
     plan : Plan, optional
         Force a regime (tests); by default :func:`choose_plan` decides.
+    residual, act, slope : optional
+        The fused activation (code) and residual (see :func:`_epilogue`).
 
     Returns
     -------
@@ -448,11 +451,11 @@ def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan
                     (x2, y2, i64(L), i64(C), i64(plan.chunks), i64(plan.chunk_slots), i64(vec),
                      part, None, i64(0), None, i64(0), w, w_ns, b, b_ns, f64(eps),
                      mean, var, rstd))
-        return _deliver(cupy, y2, x), mean, var, rstd
+        return _epilogue(cupy, _deliver(cupy, y2, x), residual, act, slope), mean, var, rstd
 
 
 def forward_fixed(x, mean, var, weight=None, bias=None, eps: float = 1e-5, *,
-                  plan: Optional[Plan] = None):
+                  plan: Optional[Plan] = None, residual=None, act: int = 0, slope: float = 0.0):
     """Normalize with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
     ``mean``, ``var``, ``weight``, ``bias``: (C,) or (N, C), NumPy or CuPy (weight/bias may be
@@ -481,11 +484,11 @@ def forward_fixed(x, mean, var, weight=None, bias=None, eps: float = 1e-5, *,
                      None, m, m_ns, v, v_ns, w, w_ns, b, b_ns, f64(eps), None, None, None))
         else:
             raise ValueError(f"no {plan.regime!r} regime for fixed statistics")
-        return _deliver(cupy, y2, x)
+        return _epilogue(cupy, _deliver(cupy, y2, x), residual, act, slope)
 
 
 def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *,
-             plan: Optional[Plan] = None):
+             plan: Optional[Plan] = None, bias=None, act: int = 0, slope: float = 0.0):
     """dx and the per-plane sums that dweight and dbias reduce from.
 
     Parameters
@@ -511,6 +514,8 @@ def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *
         if x.size == 0:
             return (cupy.empty_like(x), cupy.zeros(P, dtype=cupy.float64),
                     cupy.zeros(P, dtype=cupy.float64))
+        if act:
+            dy = _activation_grad(cupy, dy, x, mean_p, rstd_p, weight, bias, act, slope)
         dev, L, cdt, (x2, dy2), dx2, vec, plan = _prepare(cupy, "backward", plan, x, dy)
         m, m_ns = _plane_param(cupy, mean_p, N, C)
         r, r_ns = _plane_param(cupy, rstd_p, N, C)
@@ -537,6 +542,73 @@ def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *
             _launch(dev, cdt, "cin_bwd_chunk_dx", None, grid, plan.threads,
                     shape + (part, sum_dy, sum_dy_xhat))
         return _deliver(cupy, dx2, x), sum_dy, sum_dy_xhat
+
+
+# ---- activation and residual (not yet fused into the CUDA kernels: one extra elementwise
+# kernel each way, in the compute dtype) ---------------------------------------------------------
+
+def _act_params(cupy, a, x, fill: float):
+    """A (C,), (N, C) or (P,) parameter (or None) shaped to broadcast against x, float64."""
+    N, C = x.shape[:2]
+    if a is None:
+        return fill
+    return cupy.asarray(a, dtype=cupy.float64).reshape((-1, C) + (1,) * (x.ndim - 2))
+
+
+def _act_value(cupy, t, act: int, slope: float):
+    """act(t) by code (see _validation.ACTIVATIONS)."""
+    if act == 1:
+        return cupy.maximum(t, 0)
+    if act == 2:
+        return cupy.where(t > 0, t, t * slope)
+    if act == 3:
+        return t / (1 + cupy.exp(-t))
+    if act == 4:
+        from cupyx.scipy.special import erf
+        return 0.5 * t * (1 + erf(t * 0.7071067811865476))
+    if act == 5:
+        return 0.5 * t * (1 + cupy.tanh(0.7978845608028654 * (t + 0.044715 * t ** 3)))
+    return t
+
+
+def _act_derivative(cupy, t, act: int, slope: float):
+    if act == 1:
+        return (t > 0).astype(t.dtype)
+    if act == 2:
+        return cupy.where(t > 0, 1.0, slope).astype(t.dtype)
+    if act == 3:
+        s = 1 / (1 + cupy.exp(-t))
+        return s * (1 + t * (1 - s))
+    if act == 4:
+        from cupyx.scipy.special import erf
+        return 0.5 * (1 + erf(t * 0.7071067811865476)) + t * cupy.exp(-0.5 * t * t) \
+            * 0.3989422804014327
+    th = cupy.tanh(0.7978845608028654 * (t + 0.044715 * t ** 3))
+    return 0.5 * (1 + th) + 0.5 * t * (1 - th * th) * 0.7978845608028654 * (
+        1 + 3 * 0.044715 * t * t)
+
+
+def _epilogue(cupy, y, residual, act: int, slope: float):
+    """y = act(y) + residual, in place."""
+    if act:
+        y[...] = _act_value(cupy, y.astype(_compute(y.dtype)), act, slope)
+    if residual is not None:
+        y += cupy.asarray(residual).astype(y.dtype)
+    return y
+
+
+def _compute(dtype):
+    return np.float32 if dtype == np.float16 else dtype
+
+
+def _activation_grad(cupy, dy, x, mean_p, rstd_p, weight, bias, act: int, slope: float):
+    """dy * act'(t) with the forward's t = (x - mean) * rstd * weight + bias recomputed."""
+    cdt = _compute(x.dtype)
+    m = _act_params(cupy, mean_p, x, 0.0)
+    r = _act_params(cupy, rstd_p, x, 1.0)
+    t = (x.astype(cdt) - m) * r * _act_params(cupy, weight, x, 1.0) \
+        + _act_params(cupy, bias, x, 0.0)
+    return (dy.astype(cdt) * _act_derivative(cupy, t.astype(cdt), act, slope)).astype(x.dtype)
 
 
 def _plan_for(kind: str, plan: Optional[Plan], x2, vec: int, dev: int) -> Plan:

@@ -266,3 +266,43 @@ def check_module_dtype(x_dtype: np.dtype, module_dtype: np.dtype) -> None:
         f"input dtype {x_dtype} does not match the module's dtype {module_dtype} "
         f"(build the module with dtype={x_dtype}, or convert the input)"
     )
+
+
+# Fused activations: name -> the kernels' code (CIN_ACT_* in src/cinstnorm_kernels.h).
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
+_ACTIVATION_NAMES = "None, 'relu', 'leaky_relu', 'silu', 'gelu' or 'gelu_tanh'"
+
+
+def check_activation(activation, negative_slope=0.01) -> tuple:
+    """(code, slope) for the kernels: activation None or a known name (TypeError for another
+    type, ValueError listing the names for an unknown one); negative_slope a finite real."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be None or a str ({_ACTIVATION_NAMES}), got "
+                        f"{type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: use {_ACTIVATION_NAMES}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"negative_slope must be a finite real number, got {negative_slope!r}")
+    slope = float(negative_slope)
+    if not math.isfinite(slope):
+        raise ValueError(f"negative_slope must be a finite real number, got {negative_slope!r}")
+    return ACTIVATIONS[activation], slope
+
+
+def check_residual(residual, x):
+    """The residual added after the activation: None, or an array of x's shape (any layout,
+    on x's device) of a floating dtype; it is used in the compute dtype, so any float precision
+    is accepted (a float64 residual for float32 x is rounded to float32, float16 x computes in
+    float32 anyway).  Integer, bool and complex residuals are a TypeError."""
+    if residual is None:
+        return None
+    check_device(residual, x, "residual")
+    r = residual if is_gpu_array(residual) else to_numpy(residual, "residual")
+    if r.dtype.kind != "f" or r.dtype.itemsize > 8:
+        raise TypeError(f"residual dtype {r.dtype} is not supported: use a floating dtype "
+                        f"(it is added in the input's compute dtype)")
+    if r.shape != x.shape:
+        raise ValueError(f"residual must have the input's shape {x.shape}, got {r.shape}")
+    if not is_gpu_array(r) and not r.dtype.isnative:
+        r = r.astype(r.dtype.newbyteorder("="))
+    return r

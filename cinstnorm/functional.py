@@ -96,6 +96,18 @@ class _Layout:
         return self.as_input_shape(yk), yk
 
 
+def _residual_view(lay: _Layout, residual, dtype):
+    """The residual in the kernel's layout and dtype: a view when its memory already is (e.g.
+    channels-last x with a channels-last residual), else converted once (an NCHW residual for
+    channels-last x is copied to channels-last, and vice versa); None stays None."""
+    return None if residual is None else lay.kernel_view(residual, dtype)
+
+
+def _also(rk) -> tuple:
+    """The residual as an extra kernel input for _Layout.target (none: no extra input)."""
+    return () if rk is None else (rk,)
+
+
 def _stride_order(a: np.ndarray) -> tuple:
     return tuple(sorted(range(a.ndim), key=lambda ax: (-abs(a.strides[ax]), ax)))
 
@@ -146,17 +158,20 @@ def _plain(x, out) -> bool:
     return flags.c_contiguous and flags.aligned and x.size > 0
 
 
-def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
-    """Normalize with instance statistics; returns y and float64 (P,) mean, var, rstd."""
-    if _plain(x, out):
+def _forward(x, weight, bias, eps: float, n_threads: int, out=None, residual=None,
+             act: int = 0, slope: float = 0.0):
+    """Normalize with instance statistics, then the activation (code act, see
+    _validation.ACTIVATIONS) and the residual; returns y and float64 (P,) mean, var, rstd."""
+    if _plain(x, out) and residual is None:
         P = x.shape[0] * x.shape[1]
         y = np.empty_like(x)
         stats = np.empty((3, P))
         _cpu.forward_train(x.reshape(P, -1), y.reshape(P, -1), _flat64(weight), _flat64(bias),
-                           eps, stats, n_threads)
+                           eps, stats, n_threads, None, act, slope)
         return y, stats[0], stats[1], stats[2]
     if is_gpu_array(x):
-        y, mean, var, rstd = _gpu.forward(x, weight, bias, eps)
+        y, mean, var, rstd = _gpu.forward(x, weight, bias, eps, residual=residual, act=act,
+                                          slope=slope)
         return _gpu_deliver(y, out), mean, var, rstd
     N, C = x.shape[:2]
     P = N * C
@@ -167,42 +182,52 @@ def _forward(x, weight, bias, eps: float, n_threads: int, out=None):
     mean, var, rstd = stats
     lay = _Layout(x)
     xk = lay.kernel_view(x, V.compute_dtype(x.dtype))
-    y, yk = lay.target(x, xk, out)
+    rk = _residual_view(lay, residual, xk.dtype)
+    y, yk = lay.target(x, xk, out, *_also(rk))
     if lay.cl:
         _cpu.forward_channels_last(xk, yk, _flat64(weight), _flat64(bias), eps, mean, var, rstd,
-                                   True, n_threads)
+                                   True, n_threads, rk, act, slope)
     else:
-        _cpu.forward_train(xk, yk, _flat64(weight), _flat64(bias), eps, stats, n_threads)
+        _cpu.forward_train(xk, yk, _flat64(weight), _flat64(bias), eps, stats, n_threads, rk,
+                           act, slope)
     return _finish(y, x, out), mean, var, rstd
 
 
-def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=None):
-    """Normalize with given (running) statistics of shape (C,) or (N, C)."""
+def _forward_fixed(x, mean, var, weight, bias, eps: float, n_threads: int, out=None,
+                   residual=None, act: int = 0, slope: float = 0.0):
+    """Normalize with given (running) statistics of shape (C,) or (N, C), then the activation
+    and the residual."""
     if is_gpu_array(x):
-        return _gpu_deliver(_gpu.forward_fixed(x, mean, var, weight, bias, eps), out)
-    return _apply(x, mean, 1.0 / np.sqrt(_flat64(var) + eps), weight, bias, n_threads, out)
+        return _gpu_deliver(_gpu.forward_fixed(x, mean, var, weight, bias, eps,
+                                               residual=residual, act=act, slope=slope), out)
+    return _apply(x, mean, 1.0 / np.sqrt(_flat64(var) + eps), weight, bias, n_threads, out,
+                  residual, act, slope)
 
 
-def _apply(x, mean, scale, weight, bias, n_threads: int, out=None):
-    """y = (x - mean) * scale * weight + bias, every argument (C,), (N, C), (P,) or None."""
+def _apply(x, mean, scale, weight, bias, n_threads: int, out=None, residual=None,
+           act: int = 0, slope: float = 0.0):
+    """y = act((x - mean) * scale * weight + bias) + residual, every parameter (C,), (N, C),
+    (P,) or None."""
     if is_gpu_array(x):  # the fixed-statistics kernel with rstd = 1/sqrt(0 + 1) = 1
         C = x.shape[1]
         w = scale if weight is None else weight.reshape(-1, C) * scale.reshape(-1, C)
         zero = _gpu.require_cupy().zeros(C)
-        return _gpu_deliver(_gpu.forward_fixed(x, mean, zero, w, bias, 1.0), out)
+        return _gpu_deliver(_gpu.forward_fixed(x, mean, zero, w, bias, 1.0, residual=residual,
+                                               act=act, slope=slope), out)
     if x.size == 0:
         return _empty_like_input(x, out)
     N, C = x.shape[:2]
     lay = _Layout(x)
     xk = lay.kernel_view(x, V.compute_dtype(x.dtype))
-    y, yk = lay.target(x, xk, out)
+    rk = _residual_view(lay, residual, xk.dtype)
+    y, yk = lay.target(x, xk, out, *_also(rk))
     if lay.cl:
         mean_p, scale_p = _per_plane(mean, N, C, 0.0), _per_plane(scale, N, C, 1.0)
         _cpu.forward_channels_last(xk, yk, _flat64(weight), _flat64(bias), 0.0, mean_p,
-                                   np.empty(N * C), scale_p, False, n_threads)
+                                   np.empty(N * C), scale_p, False, n_threads, rk, act, slope)
     else:
         _cpu.normalize(xk, yk, _flat64(mean), _flat64(scale), _flat64(weight), _flat64(bias),
-                       n_threads)
+                       n_threads, rk, act, slope)
     return _finish(y, x, out)
 
 
@@ -221,19 +246,22 @@ def _plane_stats(x, n_threads: int):
     return mean, var
 
 
-def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None):
-    """dx and float64 (P,) sums: sum(dy) and sum(dy * xhat); mean_p, rstd_p: (N, C), (P,) or
-    (C,)."""
+def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: int, out=None,
+              bias=None, act: int = 0, slope: float = 0.0):
+    """dx and float64 (P,) sums: sum(g) and sum(g * xhat), g = dy, or with an activation
+    (code act) dy * act'(xhat * weight + bias); mean_p, rstd_p: (N, C), (P,) or (C,)."""
+    bias64 = _flat64(bias) if act else _NONE  # the pre-activation needs the bias
     if _plain(x, out) and _plain(dy, None) and dy.dtype is x.dtype:
         P = x.shape[0] * x.shape[1]
         dx = np.empty_like(x)
         sum_dy, sum_dy_xhat = np.empty((2, P))
         _cpu.backward(dy.reshape(P, -1), x.reshape(P, -1), _flat64(mean_p), _flat64(rstd_p),
                       _flat64(weight), dx.reshape(P, -1), sum_dy, sum_dy_xhat, use_input_stats,
-                      n_threads)
+                      n_threads, bias64, act, slope)
         return dx, sum_dy, sum_dy_xhat
     if is_gpu_array(x):
-        dx, sum_dy, sum_dy_xhat = _gpu.backward(dy, x, mean_p, rstd_p, weight, use_input_stats)
+        dx, sum_dy, sum_dy_xhat = _gpu.backward(dy, x, mean_p, rstd_p, weight, use_input_stats,
+                                                bias=bias, act=act, slope=slope)
         return _gpu_deliver(dx, out), sum_dy, sum_dy_xhat
     N, C = x.shape[:2]
     P = N * C
@@ -248,7 +276,7 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     sum_dy, sum_dy_xhat = np.empty((2, P))
     kernel = _cpu.backward_channels_last if lay.cl else _cpu.backward
     kernel(dyk, xk, _flat64(mean_p), _flat64(rstd_p), _flat64(weight), dxk, sum_dy, sum_dy_xhat,
-           use_input_stats, n_threads)
+           use_input_stats, n_threads, bias64, act, slope)
     return _finish(dx, x, out), sum_dy, sum_dy_xhat
 
 
@@ -272,7 +300,8 @@ def _channel_sums(sums_p: np.ndarray, N: int, C: int, dtype) -> np.ndarray:
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats: bool = True, momentum: Optional[float] = 0.1,
-                  eps: float = 1e-5, *, n_threads: Optional[int] = None,
+                  eps: float = 1e-5, *, activation: Optional[str] = None,
+                  negative_slope: float = 0.01, residual=None, n_threads: Optional[int] = None,
                   out: Optional[np.ndarray] = None) -> np.ndarray:
     """Instance normalization with torch's ``F.instance_norm`` signature and meaning.
 
@@ -296,6 +325,12 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         Weight of the new batch statistic in the running update.
     eps : float
         Added to the variance, finite and >= 0.
+    activation : str, optional
+        Fused after the affine step, in both modes (see :func:`instance_norm_forward`).
+    negative_slope : float
+        LeakyReLU's slope.
+    residual : ndarray, optional
+        Added after the activation (input's shape, any layout, a floating dtype).
     n_threads : int, optional
         Threads for this call (None: library default; -1: all cores).
     out : ndarray, optional
@@ -304,7 +339,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     Returns
     -------
     ndarray
-        The normalized array, with the input's shape, dtype and stride order.
+        The normalized array (``act(...) + residual`` when given), with the input's shape,
+        dtype and stride order.
 
     Examples
     --------
@@ -326,20 +362,27 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     tracking = V.check_running_buffers(running_mean, running_var, C, use_input_stats, momentum)
     V.check_spatial(x.shape, use_input_stats)
     V.check_out(out, x)
+    act, slope = V.check_activation(activation, negative_slope)
+    residual = V.check_residual(residual, x)
     nt = resolve_threads(n_threads)
     if not use_input_stats:
-        return _forward_fixed(x, running_mean, running_var, weight, bias, eps, nt, out)
-    y, mean_p, var_p, _ = _forward(x, weight, bias, eps, nt, out)
+        return _forward_fixed(x, running_mean, running_var, weight, bias, eps, nt, out,
+                              residual, act, slope)
+    y, mean_p, var_p, _ = _forward(x, weight, bias, eps, nt, out, residual, act, slope)
     if tracking and x.size > 0:
         _running_update(running_mean, running_var, mean_p, var_p, x.shape, momentum)
     return y
 
 
 def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
-                          n_threads: Optional[int] = None,
+                          activation: Optional[str] = None, negative_slope: float = 0.01,
+                          residual=None, n_threads: Optional[int] = None,
                           out: Optional[np.ndarray] = None
                           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalize with instance statistics and return what the backward pass needs.
+
+    Computes ``y = act(xhat * weight + bias) + residual`` in one pass over memory (the
+    activation and the residual are fused into the normalize loop of every kernel path).
 
     Parameters
     ----------
@@ -349,15 +392,24 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
         Per-channel scale and shift, or per-sample ones (AdaIN-style conditioning).
     eps : float
         Added to the variance.
+    activation : {None, "relu", "leaky_relu", "silu", "gelu", "gelu_tanh"}
+        Applied after the affine step: torch's ``F.relu``, ``F.leaky_relu(negative_slope)``,
+        ``F.silu``, ``F.gelu`` (exact, erf form) and ``F.gelu(approximate="tanh")``.
+    negative_slope : float
+        LeakyReLU's slope (finite).
+    residual : ndarray, optional
+        Added after the activation (a ResNet skip connection): x's shape, any layout and any
+        floating dtype (it is read in x's compute dtype; a layout other than the kernel's,
+        e.g. NCHW for channels-last x, is converted once).
     n_threads : int, optional
         Threads for this call.
     out : ndarray, optional
-        Destination with x's shape and dtype; may be ``x`` itself.
+        Destination with x's shape and dtype; may be ``x`` (or the residual) itself.
 
     Returns
     -------
     y : ndarray
-        Normalized x (x's shape, dtype and stride order).
+        ``act(normalized x) + residual`` (x's shape, dtype and stride order).
     mean, rstd : ndarray, shape (N, C)
         Per-plane mean and ``1/sqrt(var + eps)`` in the compute dtype (float32 for float16).
 
@@ -368,6 +420,9 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     >>> y, mean, rstd = cin.instance_norm_forward(x)
     >>> mean.shape, bool(np.allclose(y.mean(axis=(2, 3)), 0, atol=1e-5))
     ((2, 3), True)
+    >>> y, _, _ = cin.instance_norm_forward(x, activation="relu", residual=x)
+    >>> bool((y >= x - 1e-6).all())
+    True
     """
     x = V.as_input(x)
     V.check_batched(x)
@@ -378,8 +433,10 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     bias = V.check_per_channel(bias, C, "bias", N)
     V.check_spatial(x.shape, True)
     V.check_out(out, x)
+    act, slope = V.check_activation(activation, negative_slope)
+    residual = V.check_residual(residual, x)
     nt = resolve_threads(n_threads)
-    y, mean_p, _, rstd_p = _forward(x, weight, bias, eps, nt, out)
+    y, mean_p, _, rstd_p = _forward(x, weight, bias, eps, nt, out, residual, act, slope)
     cdt = V.compute_dtype(x.dtype)
     if x.size == 0:  # read-only NaN views: N*C may be too large to allocate
         xp = _gpu.require_cupy() if is_gpu_array(x) else np
@@ -388,9 +445,17 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     return y, mean_p.reshape(N, C).astype(cdt), rstd_p.reshape(N, C).astype(cdt)
 
 
-def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: bool = True,
-                           n_threads: Optional[int] = None, out: Optional[np.ndarray] = None):
+def instance_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *,
+                           activation: Optional[str] = None, negative_slope: float = 0.01,
+                           use_input_stats: bool = True, n_threads: Optional[int] = None,
+                           out: Optional[np.ndarray] = None):
     """Gradients of instance normalization from the saved statistics.
+
+    With an ``activation`` (that of :func:`instance_norm_forward`) the gradient flows through
+    it: the pre-activation ``t = xhat * weight + bias`` is recomputed from x and the saved
+    statistics (nothing else is saved), ``g = dy * act'(t)`` takes dy's place, and
+    ``dweight = sum(g * xhat)``, ``dbias = sum(g)``.  A forward ``residual``'s gradient is dy
+    itself (the residual is added after the activation), so it needs no call here.
 
     Parameters
     ----------
@@ -403,6 +468,12 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
         and ``1/sqrt(running_var + eps)``.
     weight : array_like (C,) or (N, C), optional
         The forward's weight.
+    bias : array_like (C,) or (N, C), optional
+        The forward's bias: read only with an activation (for ``t``).
+    activation : str, optional
+        The forward's activation (names as in :func:`instance_norm_forward`).
+    negative_slope : float
+        The forward's LeakyReLU slope.
     use_input_stats : bool
         True: the statistics were computed from x, and the gradient flows through them.
         False: they were fixed (eval with running statistics): ``dx = dy * weight * rstd``.
@@ -417,8 +488,8 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     dx : ndarray
         x's shape, dtype and stride order (``out`` when given).
     dweight, dbias : ndarray (C,) or (N, C), or None
-        None when ``weight`` is None; the weight's shape otherwise (per-sample gradients for a
-        per-sample weight).
+        dweight is None when ``weight`` is None, dbias when both ``weight`` and ``bias`` are;
+        the parameter's shape otherwise (per-sample gradients for a per-sample weight).
 
     Examples
     --------
@@ -436,20 +507,25 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats: b
     V.check_same(dy, x, "dy")
     N, C = x.shape[:2]
     V.check_devices(x, mean=mean, rstd=rstd, weight=weight)
+    V.check_devices(x, bias=bias)
     mean = V.check_stats(mean, N, C, "mean")
     rstd = V.check_stats(rstd, N, C, "rstd")
     weight = V.check_per_channel(weight, C, "weight", N)
+    bias = V.check_per_channel(bias, C, "bias", N)
     V.check_spatial(x.shape, use_input_stats)
     V.check_out(out, x)
+    act, slope = V.check_activation(activation, negative_slope)
     nt = resolve_threads(n_threads)
     dx, sum_dy, sum_dy_xhat = _backward(dy, x, mean, rstd, weight, bool(use_input_stats), nt,
-                                        out)
-    if weight is None:
+                                        out, bias, act, slope)
+    if weight is None and bias is None:
         return dx, None, None
     cdt = V.compute_dtype(x.dtype)
-    if np.ndim(weight) == 2:  # per-sample affine: gradients per (n, c)
-        return dx, sum_dy_xhat.reshape(N, C).astype(cdt), sum_dy.reshape(N, C).astype(cdt)
-    return dx, _channel_sums(sum_dy_xhat, N, C, cdt), _channel_sums(sum_dy, N, C, cdt)
+    if np.ndim(weight) == 2 or np.ndim(bias) == 2:  # per-sample affine: gradients per (n, c)
+        dw, db = sum_dy_xhat.reshape(N, C).astype(cdt), sum_dy.reshape(N, C).astype(cdt)
+    else:
+        dw, db = _channel_sums(sum_dy_xhat, N, C, cdt), _channel_sums(sum_dy, N, C, cdt)
+    return dx, None if weight is None else dw, db
 
 
 def _check_adain(content, style, eps):

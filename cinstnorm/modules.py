@@ -80,7 +80,9 @@ class _InstanceNorm:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = False, track_running_stats: bool = False, device=None,
-                 dtype=None, *, bias: bool = True) -> None:
+                 dtype=None, *, bias: bool = True, activation: Optional[str] = None,
+                 negative_slope: float = 0.01) -> None:
+        self._act, self._slope = V.check_activation(activation, negative_slope)
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 0:
             raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
@@ -104,6 +106,8 @@ class _InstanceNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.weight_grad = None
         self.bias_grad = None
+        self.activation = activation
+        self.negative_slope = self._slope
         self.training = True
         self._saved = None
         self._device_id = None
@@ -216,14 +220,16 @@ class _InstanceNorm:
         V.check_spatial(xb.shape, use_input_stats)
         nt = resolve_threads(n_threads)
         if use_input_stats:
-            y, mean_p, var_p, rstd_p = _forward(xb, self.weight, self.bias, self.eps, nt)
+            y, mean_p, var_p, rstd_p = _forward(xb, self.weight, self.bias, self.eps, nt,
+                                                act=self._act, slope=self._slope)
             if self.training and self.track_running_stats and xb.size > 0:
                 self._update_running(mean_p, var_p, xb.shape)
             self._saved = (xb, mean_p, rstd_p, True)
         else:
             rm = self.running_mean.astype(np.float64)
             rv = self.running_var.astype(np.float64)
-            y = _forward_fixed(xb, rm, rv, self.weight, self.bias, self.eps, nt)
+            y = _forward_fixed(xb, rm, rv, self.weight, self.bias, self.eps, nt,
+                               act=self._act, slope=self._slope)
             self._saved = (xb, rm, 1.0 / (rv + self.eps) ** 0.5, False)
         return y[0] if x.ndim == self._dims[0] else y
 
@@ -252,7 +258,8 @@ class _InstanceNorm:
         V.check_same(dyb, xb, "dy" + (" (unbatched)" if unbatched else ""))
         nt = resolve_threads(n_threads)
         dx, sum_dy, sum_dy_xhat = _backward(dyb, xb, mean_p, rstd_p, self.weight,
-                                            use_input_stats, nt)
+                                            use_input_stats, nt, bias=self.bias, act=self._act,
+                                            slope=self._slope)
         N, C = xb.shape[:2]
         if self.weight is not None:
             gw = sum_dy_xhat.reshape(N, C).sum(axis=0)
@@ -377,7 +384,15 @@ class _InstanceNorm:
         --------
         >>> import cinstnorm as cin
         >>> tm = cin.InstanceNorm2d(3, affine=True).to_torch()  # doctest: +SKIP
+
+        A module with a fused ``activation`` has no torch equivalent (torch's layer has none):
+        ValueError.
         """
+        if self.activation is not None:
+            raise ValueError(f"to_torch: this module fuses activation={self.activation!r}, "
+                             f"which torch.nn.{type(self).__name__} has no equivalent for; "
+                             f"build it without activation and follow it with the torch "
+                             f"activation module")
         import torch
 
         cls = getattr(torch.nn, type(self).__name__)
@@ -396,7 +411,15 @@ class _InstanceNorm:
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, bias={self.bias is not None}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}" + self._activation_repr())
+
+    def _activation_repr(self) -> str:
+        """The fused activation, shown only when set (the repr is torch's otherwise)."""
+        if self.activation is None:
+            return ""
+        slope = f", negative_slope={self.negative_slope}" \
+            if self.activation == "leaky_relu" else ""
+        return f", activation={self.activation!r}{slope}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -422,6 +445,11 @@ class InstanceNorm1d(_InstanceNorm):
     dtype : float32 (default) or float64
     bias : bool, keyword only
         With ``affine``, False leaves out the bias (scale only).
+    activation : {None, "relu", "leaky_relu", "silu", "gelu", "gelu_tanh"}, keyword only
+        Fused after the affine step in forward (train and eval) and backward (see
+        :func:`cinstnorm.instance_norm_forward`); not part of the state_dict.
+    negative_slope : float, keyword only
+        LeakyReLU's slope.
 
     Examples
     --------

@@ -15,6 +15,7 @@
 #ifndef CINSTNORM_KERNELS_H
 #define CINSTNORM_KERNELS_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -48,6 +49,35 @@
  * faster for its pass on the Zen 3 development VM). */
 #define CIN_CL_STATS_STEP 4
 #define CIN_CL_BWD_STEP 1
+
+/* Fused activation codes (cinstnorm._validation.ACTIVATIONS maps the names to them). */
+#define CIN_ACT_NONE 0
+#define CIN_ACT_RELU 1
+#define CIN_ACT_LEAKY_RELU 2
+#define CIN_ACT_SILU 3
+#define CIN_ACT_GELU 4
+#define CIN_ACT_GELU_TANH 5
+
+/* Calls CIN_BODY(act, flag) with both arguments compile-time constants where it matters: one
+ * instantiation each for no activation, ReLU and LeakyReLU (selects in registers), and one for
+ * the libm activations (act passed on: libm dominates their cost), each with flag 0 and 1
+ * (a residual, or fixed statistics).  CIN_BODY is defined by the caller. */
+#define CIN_ACT_SWITCH(act, flag)                                                               \
+    if (flag) {                                                                                 \
+        switch (act) {                                                                          \
+        case CIN_ACT_NONE: CIN_BODY(CIN_ACT_NONE, 1); break;                                    \
+        case CIN_ACT_RELU: CIN_BODY(CIN_ACT_RELU, 1); break;                                    \
+        case CIN_ACT_LEAKY_RELU: CIN_BODY(CIN_ACT_LEAKY_RELU, 1); break;                        \
+        default: CIN_BODY(act, 1); break;                                                       \
+        }                                                                                       \
+    } else {                                                                                    \
+        switch (act) {                                                                          \
+        case CIN_ACT_NONE: CIN_BODY(CIN_ACT_NONE, 0); break;                                    \
+        case CIN_ACT_RELU: CIN_BODY(CIN_ACT_RELU, 0); break;                                    \
+        case CIN_ACT_LEAKY_RELU: CIN_BODY(CIN_ACT_LEAKY_RELU, 0); break;                        \
+        default: CIN_BODY(act, 0); break;                                                       \
+        }                                                                                       \
+    }
 
 /* Merge a group (n_b, mean_b, m2_b) into the running (n, mean, m2): Chan's parallel formula. */
 static inline void cin_chan_merge(double *n, double *mean, double *m2,
@@ -121,22 +151,27 @@ static inline void cin_store_fence(void)
     void (*chunk_stats_##S)(const T *, ptrdiff_t, double *, double *);                          \
     void (*small_forward_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const double *,  \
                               ptrdiff_t, const double *, ptrdiff_t, double, double *, double *, \
-                              double *, int);                                                   \
-    void (*normalize_##S)(const T *, T *, ptrdiff_t, T, T, T, int);                             \
-    void (*backward_sums_##S)(const T *, const T *, ptrdiff_t, T, double *, double *);          \
-    void (*backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, int);             \
-    void (*scale_##S)(const T *, T *, ptrdiff_t, T, int);                                     \
+                              double *, const T *, int, T, int);                                \
+    void (*normalize_##S)(const T *, T *, const T *, ptrdiff_t, T, T, T, int, T, int);          \
+    void (*backward_sums_##S)(const T *, const T *, ptrdiff_t, T, T, T, int, T, double *,       \
+                              double *);                                                        \
+    void (*backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, T, T, int, T,     \
+                            int);                                                               \
+    void (*scale_##S)(const T *, const T *, T *, ptrdiff_t, T, T, T, T, int, T, int);           \
     void (*small_backward_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,      \
                                const double *, ptrdiff_t, const double *, ptrdiff_t,            \
-                               const double *, ptrdiff_t, int, double *, double *, int);        \
+                               const double *, ptrdiff_t, int, double *, double *,              \
+                               const double *, ptrdiff_t, int, T, int);                         \
     void (*cl_stats_##S)(const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, T *, T *, T *, double *,   \
                          double *, int);                                                        \
     void (*cl_normalize_##S)(const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t, const T *,        \
-                             const T *, const T *, int);                                        \
+                             const T *, const T *, const T *, int, T, int);                     \
     void (*cl_backward_sums_##S)(const T *, const T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,         \
-                                 const T *, T *, T *, double *, double *, int);                 \
+                                 const T *, T *, T *, double *, double *, int, const T *,       \
+                                 const T *, int, T);                                            \
     void (*cl_backward_dx_##S)(const T *, const T *, T *, ptrdiff_t, ptrdiff_t, ptrdiff_t,      \
-                               const T *, const T *, const T *, const T *, int);
+                               const T *, const T *, const T *, const T *, const T *,           \
+                               const T *, int, T, int);
 
 typedef struct {
     const char *name;
@@ -215,40 +250,48 @@ static const char *cin_isa_name(void) { return cin_k->name; }
     static inline void cin_small_forward_##S(const T *x, T *y, ptrdiff_t n, ptrdiff_t L,        \
                                              ptrdiff_t p0, const double *w, ptrdiff_t w_n,      \
                                              const double *b, ptrdiff_t b_n, double eps,        \
-                                             double *mean, double *var, double *rstd, int st)   \
-    { cin_k->small_forward_##S(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, st); }    \
-    static inline void cin_normalize_##S(const T *x, T *y, ptrdiff_t n, T k, T a, T b, int st) \
-    { cin_k->normalize_##S(x, y, n, k, a, b, st); }                                             \
-    static inline void cin_backward_sums_##S(const T *dy, const T *x, ptrdiff_t n, T k,         \
-                                             double *sdy, double *sdyx)                         \
-    { cin_k->backward_sums_##S(dy, x, n, k, sdy, sdyx); }                                       \
+                                             double *mean, double *var, double *rstd,           \
+                                             const T *r, int act, T sl, int st)                 \
+    { cin_k->small_forward_##S(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, var, rstd, r, act,   \
+                               sl, st); }                                                       \
+    static inline void cin_normalize_##S(const T *x, T *y, const T *r, ptrdiff_t n, T k, T a,   \
+                                         T b, int act, T sl, int st)                            \
+    { cin_k->normalize_##S(x, y, r, n, k, a, b, act, sl, st); }                                 \
+    static inline void cin_backward_sums_##S(const T *dy, const T *x, ptrdiff_t n, T k, T af,   \
+                                             T bf, int act, T sl, double *sdy, double *sdyx)    \
+    { cin_k->backward_sums_##S(dy, x, n, k, af, bf, act, sl, sdy, sdyx); }                      \
     static inline void cin_backward_dx_##S(const T *dy, const T *x, T *dx, ptrdiff_t n, T k,    \
-                                           T a, T b, T c, int st)                               \
-    { cin_k->backward_dx_##S(dy, x, dx, n, k, a, b, c, st); }                                   \
-    static inline void cin_scale_##S(const T *dy, T *dx, ptrdiff_t n, T a, int st)              \
-    { cin_k->scale_##S(dy, dx, n, a, st); }                                                     \
+                                           T a, T b, T c, T af, T bf, int act, T sl, int st)    \
+    { cin_k->backward_dx_##S(dy, x, dx, n, k, a, b, c, af, bf, act, sl, st); }                  \
+    static inline void cin_scale_##S(const T *dy, const T *x, T *dx, ptrdiff_t n, T a, T k,     \
+                                     T af, T bf, int act, T sl, int st)                         \
+    { cin_k->scale_##S(dy, x, dx, n, a, k, af, bf, act, sl, st); }                              \
     static inline void cin_small_backward_##S(const T *dy, const T *x, T *dx, ptrdiff_t n,      \
                                               ptrdiff_t L, ptrdiff_t p0, const double *m,       \
                                               ptrdiff_t m_n, const double *r, ptrdiff_t r_n,    \
                                               const double *w, ptrdiff_t w_n, int use,          \
-                                              double *sdy, double *sdyx, int st)                \
+                                              double *sdy, double *sdyx, const double *b,       \
+                                              ptrdiff_t b_n, int act, T sl, int st)             \
     { cin_k->small_backward_##S(dy, x, dx, n, L, p0, m, m_n, r, r_n, w, w_n, use, sdy, sdyx,   \
-                                st); }                                                          \
+                                b, b_n, act, sl, st); }                                         \
     static inline void cin_cl_stats_##S(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld,  \
                                         T *s1, T *s2, T *k, double *mean, double *m2, int pf)   \
     { cin_k->cl_stats_##S(x, rows, w, ld, s1, s2, k, mean, m2, pf); }                           \
     static inline void cin_cl_normalize_##S(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,      \
                                             ptrdiff_t ld, const T *k, const T *a, const T *b,   \
-                                            int st)                                             \
-    { cin_k->cl_normalize_##S(x, y, rows, w, ld, k, a, b, st); }                                \
+                                            const T *res, int act, T sl, int st)                \
+    { cin_k->cl_normalize_##S(x, y, rows, w, ld, k, a, b, res, act, sl, st); }                  \
     static inline void cin_cl_backward_sums_##S(const T *dy, const T *x, ptrdiff_t rows,        \
                                                 ptrdiff_t w, ptrdiff_t ld, const T *k, T *s1,   \
-                                                T *s2, double *sdy, double *sdyx, int pf)       \
-    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf); }              \
+                                                T *s2, double *sdy, double *sdyx, int pf,       \
+                                                const T *af, const T *bf, int act, T sl)        \
+    { cin_k->cl_backward_sums_##S(dy, x, rows, w, ld, k, s1, s2, sdy, sdyx, pf, af, bf, act,   \
+                                  sl); }                                                        \
     static inline void cin_cl_backward_dx_##S(const T *dy, const T *x, T *dx, ptrdiff_t rows,   \
                                               ptrdiff_t w, ptrdiff_t ld, const T *k,            \
-                                              const T *a, const T *b, const T *cc, int st)      \
-    { cin_k->cl_backward_dx_##S(dy, x, dx, rows, w, ld, k, a, b, cc, st); }
+                                              const T *a, const T *b, const T *cc,              \
+                                              const T *af, const T *bf, int act, T sl, int st)  \
+    { cin_k->cl_backward_dx_##S(dy, x, dx, rows, w, ld, k, a, b, cc, af, bf, act, sl, st); }
 
 CIN_ENTRY_POINTS(float, f)
 CIN_ENTRY_POINTS(double, d)

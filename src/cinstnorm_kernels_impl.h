@@ -30,6 +30,87 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
     return t;
 }
 
+/* ---- fused activations (codes CIN_ACT_*, see cinstnorm_kernels.h) --------------------------
+ * ReLU and LeakyReLU are selects in registers; SiLU and the GELUs call libm per element (exp,
+ * erf, tanh in the element precision: within an ulp or two), lane by lane inside the same
+ * loop, so no activation costs an extra pass over memory.  Every kernel that takes an
+ * activation code is instantiated per code (CIN_ACT_SWITCH) with the code a constant, so the
+ * code-0 instantiation is the loop without an activation. */
+typedef CIN_IT CIN_FN(cin_ivec) __attribute__((vector_size(CIN_VEC_BYTES)));
+
+/* act(t) */
+static inline CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
+{
+    switch (act) {
+    case CIN_ACT_RELU: return t < (CIN_T)0 ? (CIN_T)0 : t;   /* keeps NaN */
+    case CIN_ACT_LEAKY_RELU: return t < (CIN_T)0 ? t * s : t;
+    case CIN_ACT_SILU: return t / ((CIN_T)1 + CIN_EXP(-t));
+    case CIN_ACT_GELU: return (CIN_T)0.5 * t * ((CIN_T)1 + CIN_ERF(t * (CIN_T)0.70710678118654752440));
+    case CIN_ACT_GELU_TANH: {
+        CIN_T u = (CIN_T)0.79788456080286535588 * (t + (CIN_T)0.044715 * t * t * t);
+        return (CIN_T)0.5 * t * ((CIN_T)1 + CIN_TANH(u));
+    }
+    default: return t;
+    }
+}
+
+/* The gradient through the activation: dy * act'(t) (ReLU, LeakyReLU: torch's choice at the
+ * kink, t > 0 passes dy; ReLU gives an exact 0 elsewhere). */
+static inline CIN_T CIN_FN(cin_act_grad)(CIN_T t, CIN_T dy, int act, CIN_T s)
+{
+    switch (act) {
+    case CIN_ACT_RELU: return t > (CIN_T)0 ? dy : (CIN_T)0;
+    case CIN_ACT_LEAKY_RELU: return t > (CIN_T)0 ? dy : dy * s;
+    case CIN_ACT_SILU: {
+        CIN_T sg = (CIN_T)1 / ((CIN_T)1 + CIN_EXP(-t));
+        return dy * (sg * ((CIN_T)1 + t * ((CIN_T)1 - sg)));
+    }
+    case CIN_ACT_GELU: {
+        CIN_T cdf = (CIN_T)0.5 * ((CIN_T)1 + CIN_ERF(t * (CIN_T)0.70710678118654752440));
+        CIN_T pdf = CIN_EXP((CIN_T)-0.5 * t * t) * (CIN_T)0.39894228040143267794;
+        return dy * (cdf + t * pdf);
+    }
+    case CIN_ACT_GELU_TANH: {   /* torch's GeluBackward, approximate='tanh' */
+        const CIN_T kb = (CIN_T)0.79788456080286535588, kk = (CIN_T)0.044715;
+        CIN_T t2 = t * t, th = CIN_TANH(kb * (t + kk * t2 * t));
+        CIN_T left = (CIN_T)0.5 * t, right = (CIN_T)1 + th;
+        CIN_T dleft = (CIN_T)0.5 * right;
+        CIN_T dright = left * ((CIN_T)1 - th * th) * kb * ((CIN_T)1 + (CIN_T)3 * kk * t2);
+        return dy * (dleft + dright);
+    }
+    default: return dy;
+    }
+}
+
+static inline CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T s)
+{
+    typedef CIN_FN(cin_ivec) I;
+    CIN_FN(cin_vec) z = {0};
+    if (act == CIN_ACT_NONE) return t;
+    if (act == CIN_ACT_RELU) { I m = t < z; return (CIN_FN(cin_vec))((I)t & ~m); }
+    if (act == CIN_ACT_LEAKY_RELU) {
+        I m = t < z;
+        return (CIN_FN(cin_vec))(((I)t & ~m) | ((I)(t * s) & m));
+    }
+    for (int j = 0; j < (int)CIN_VLEN; j++) t[j] = CIN_FN(cin_act)(t[j], act, s);
+    return t;
+}
+
+static inline CIN_FN(cin_vec) CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) dy,
+                                                  int act, CIN_T s)
+{
+    typedef CIN_FN(cin_ivec) I;
+    CIN_FN(cin_vec) z = {0};
+    if (act == CIN_ACT_NONE) return dy;
+    if (act == CIN_ACT_RELU) { I m = t > z; return (CIN_FN(cin_vec))((I)dy & m); }
+    if (act == CIN_ACT_LEAKY_RELU) {
+        I m = t > z;
+        return (CIN_FN(cin_vec))(((I)dy & m) | ((I)(dy * s) & ~m));
+    }
+    for (int j = 0; j < (int)CIN_VLEN; j++) dy[j] = CIN_FN(cin_act_grad)(t[j], dy[j], act, s);
+    return dy;
+}
+
 /* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
 static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
                                             CIN_T *s1, CIN_T *s2)
@@ -105,22 +186,30 @@ static void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
     *m2 = acc;
 }
 
-/* y = (x - k) * alpha + beta.  With k the plane mean rounded to CIN_T, x - k is exact for
- * x near the mean, which avoids the cancellation of the usual x * alpha + (beta - mean * alpha).
- * x and y may be the same array (in place).  stream: non-temporal stores for y (outputs
- * larger than the last-level cache), which skip the read-for-ownership of y's lines. */
-static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
-                                  CIN_T k, CIN_T alpha, CIN_T beta, int stream)
+/* y = act((x - k) * alpha + beta) + r (r: the residual, NULL for none).  With k the plane
+ * mean rounded to CIN_T, x - k is exact for x near the mean, which avoids the cancellation of
+ * the usual x * alpha + (beta - mean * alpha).  x and y may be the same array (in place), and
+ * so may r and y.  stream: non-temporal stores for y (outputs larger than the last-level
+ * cache), which skip the read-for-ownership of y's lines.  act, res: constants in each
+ * instantiation (cin_normalize below). */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n, CIN_T k,
+                           CIN_T alpha, CIN_T beta, const int act, CIN_T s, const int res,
+                           int stream)
 {
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
     if (stream) {
-        for (; i < n && ((uintptr_t)(y + i) % CIN_VEC_BYTES) != 0; i++)
-            y[i] = (x[i] - k) * alpha + beta;
+        for (; i < n && ((uintptr_t)(y + i) % CIN_VEC_BYTES) != 0; i++) {
+            CIN_T v = CIN_FN(cin_act)((x[i] - k) * alpha + beta, act, s);
+            if (res) v += r[i];
+            y[i] = v;
+        }
         for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
             CIN_FN(cin_vec) v;
             memcpy(&v, x + i, sizeof v);
-            v = (v - k) * alpha + beta;
+            v = CIN_FN(cin_vact)((v - k) * alpha + beta, act, s);
+            if (res) v += CIN_FN(cin_load)(r + i);
             CIN_STREAM(y + i, v);
         }
         cin_store_fence();
@@ -129,7 +218,20 @@ static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
     (void)stream;
 #endif
 #pragma omp simd
-    for (ptrdiff_t j = i; j < n; j++) y[j] = (x[j] - k) * alpha + beta;
+    for (ptrdiff_t j = i; j < n; j++) {
+        CIN_T v = CIN_FN(cin_act)((x[j] - k) * alpha + beta, act, s);
+        if (res) v += r[j];
+        y[j] = v;
+    }
+}
+
+static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n,
+                                  CIN_T k, CIN_T alpha, CIN_T beta, int act, CIN_T s,
+                                  int stream)
+{
+#define CIN_BODY(A, R) CIN_FN(cin_normalize_body)(x, y, r, n, k, alpha, beta, A, s, R, stream)
+    CIN_ACT_SWITCH(act, r != NULL)
+#undef CIN_BODY
 }
 
 /* Instance-statistics forward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK
@@ -141,7 +243,8 @@ static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
 static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
                                       ptrdiff_t p0, const double *w, ptrdiff_t w_n,
                                       const double *b, ptrdiff_t b_n, double eps, double *mean,
-                                      double *var, double *rstd, int stream)
+                                      double *var, double *rstd, const CIN_T *r, int act,
+                                      CIN_T slope, int stream)
 {
     double s[CIN_SMALL_BATCH], q[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH], bv[CIN_SMALL_BATCH];
     double al[CIN_SMALL_BATCH], be[CIN_SMALL_BATCH];
@@ -178,14 +281,18 @@ static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptr
         be[j] = bv[j] - (mu - (double)kk[j]) * al[j];
     }
     for (ptrdiff_t j = 0; j < n; j++)
-        CIN_FN(cin_normalize)(x + j * L, y + j * L, L, kk[j], (CIN_T)al[j], (CIN_T)be[j], stream);
+        CIN_FN(cin_normalize)(x + j * L, y + j * L, r ? r + j * L : NULL, L, kk[j], (CIN_T)al[j],
+                              (CIN_T)be[j], act, slope, stream);
 }
 
-/* Backward sums over n elements: *sdy = sum(dy), *sdyx = sum(dy * (x - k)), accumulated in
- * CIN_T inside blocks and in double across blocks. */
-static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
-                                      const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
-                                      double *sdy, double *sdyx)
+/* Backward sums over n elements: *sdy = sum(g), *sdyx = sum(g * (x - k)), accumulated in
+ * CIN_T inside blocks and in double across blocks.  g = dy without an activation, else the
+ * gradient through it, dy * act'(t), with the pre-activation t = (x - k) * af + bf recomputed
+ * from x (the forward's coefficients). */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_backward_sums_body)(const CIN_T *CIN_RESTRICT dy, const CIN_T *CIN_RESTRICT x,
+                               ptrdiff_t n, CIN_T k, CIN_T af, CIN_T bf, const int act,
+                               CIN_T s, double *sdy, double *sdyx)
 {
     double tot_g = 0.0, tot_gx = 0.0;
     for (ptrdiff_t b = 0; b < n; b += CIN_BLOCK) {
@@ -197,11 +304,19 @@ static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
         for (; i + 2 * CIN_VLEN <= nb; i += 2 * CIN_VLEN) {
             V g0 = CIN_FN(cin_load)(g + i), g1 = CIN_FN(cin_load)(g + i + CIN_VLEN);
             V v0 = CIN_FN(cin_load)(v + i) - k, v1 = CIN_FN(cin_load)(v + i + CIN_VLEN) - k;
+            if (act) {
+                g0 = CIN_FN(cin_vact_grad)(v0 * af + bf, g0, act, s);
+                g1 = CIN_FN(cin_vact_grad)(v1 * af + bf, g1, act, s);
+            }
             a0 += g0; q0 += g0 * v0;
             a1 += g1; q1 += g1 * v1;
         }
         CIN_T ta = CIN_FN(cin_hsum)(a0 + a1), tq = CIN_FN(cin_hsum)(q0 + q1);
-        for (; i < nb; i++) { ta += g[i]; tq += g[i] * (v[i] - k); }
+        for (; i < nb; i++) {
+            CIN_T d = v[i] - k, gi = g[i];
+            if (act) gi = CIN_FN(cin_act_grad)(d * af + bf, gi, act, s);
+            ta += gi; tq += gi * d;
+        }
         tot_g += (double)ta;
         tot_gx += (double)tq;
     }
@@ -209,21 +324,37 @@ static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
     *sdyx = tot_gx;
 }
 
-/* dx = a * dy + b * (x - k) + c  (the input-statistics gradient, rearranged per plane).
- * dx may be dy itself. */
-static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
-                                    CIN_T k, CIN_T a, CIN_T b, CIN_T c, int stream)
+static void CIN_FN(cin_backward_sums)(const CIN_T *dy, const CIN_T *x, ptrdiff_t n, CIN_T k,
+                                      CIN_T af, CIN_T bf, int act, CIN_T s, double *sdy,
+                                      double *sdyx)
+{
+#define CIN_BODY(A, R) CIN_FN(cin_backward_sums_body)(dy, x, n, k, af, bf, A, s, sdy, sdyx)
+    CIN_ACT_SWITCH(act, 0)
+#undef CIN_BODY
+}
+
+/* dx = a * g + b * (x - k) + c  (the input-statistics gradient, rearranged per plane), or
+ * with fixed (running) statistics dx = a * g, which reads x only for an activation's g (g as
+ * in cin_backward_sums_body).  dx may be dy itself. */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_backward_dx_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n, CIN_T k,
+                             CIN_T a, CIN_T b, CIN_T c, CIN_T af, CIN_T bf, const int act,
+                             CIN_T s, const int fixed, int stream)
 {
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
     if (stream) {
-        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++)
-            dx[i] = a * dy[i] + b * (x[i] - k) + c;
+        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++) {
+            CIN_T g = dy[i];
+            if (act) g = CIN_FN(cin_act_grad)((x[i] - k) * af + bf, g, act, s);
+            dx[i] = fixed ? a * g : a * g + b * (x[i] - k) + c;
+        }
         for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
-            CIN_FN(cin_vec) g, v;
+            CIN_FN(cin_vec) g, v = {0};
             memcpy(&g, dy + i, sizeof g);
-            memcpy(&v, x + i, sizeof v);
-            v = a * g + b * (v - k) + c;
+            if (act || !fixed) memcpy(&v, x + i, sizeof v);
+            if (act) g = CIN_FN(cin_vact_grad)((v - k) * af + bf, g, act, s);
+            v = fixed ? a * g : a * g + b * (v - k) + c;
             CIN_STREAM(dx + i, v);
         }
         cin_store_fence();
@@ -232,47 +363,53 @@ static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, 
     (void)stream;
 #endif
 #pragma omp simd
-    for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j] + b * (x[j] - k) + c;
+    for (ptrdiff_t j = i; j < n; j++) {
+        CIN_T g = dy[j];
+        if (act) g = CIN_FN(cin_act_grad)((x[j] - k) * af + bf, g, act, s);
+        dx[j] = fixed ? a * g : a * g + b * (x[j] - k) + c;
+    }
 }
 
-/* dx = a * dy  (fixed running statistics: no gradient through the statistics). */
-static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, int stream)
+static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                                    CIN_T k, CIN_T a, CIN_T b, CIN_T c, CIN_T af, CIN_T bf,
+                                    int act, CIN_T s, int stream)
 {
-    ptrdiff_t i = 0;
-#ifdef CIN_STREAM
-    if (stream) {
-        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++) dx[i] = a * dy[i];
-        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
-            CIN_FN(cin_vec) g;
-            memcpy(&g, dy + i, sizeof g);
-            g = a * g;
-            CIN_STREAM(dx + i, g);
-        }
-        cin_store_fence();
-    }
-#else
-    (void)stream;
-#endif
-#pragma omp simd
-    for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j];
+#define CIN_BODY(A, R) CIN_FN(cin_backward_dx_body)(dy, x, dx, n, k, a, b, c, af, bf, A, s, 0,  \
+                                                    stream)
+    CIN_ACT_SWITCH(act, 0)
+#undef CIN_BODY
+}
+
+/* dx = a * g  (fixed running statistics: no gradient through the statistics); x, k, af, bf
+ * are read only with an activation (x may then be NULL). */
+static void CIN_FN(cin_scale)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n, CIN_T a,
+                              CIN_T k, CIN_T af, CIN_T bf, int act, CIN_T s, int stream)
+{
+#define CIN_BODY(A, R) CIN_FN(cin_backward_dx_body)(dy, x, dx, n, k, a, 0, 0, af, bf, A, s, 1,  \
+                                                    stream)
+    CIN_ACT_SWITCH(act, 0)
+#undef CIN_BODY
 }
 
 /* Backward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK elements (plane j at
  * dy/x/dx + j * L, parameter index p0 + j: mean[(p0 + j) % m_n] (0 when m_n is 0), rstd
- * (1), weight (1) likewise): per-plane sums(dy) and sum(dy * xhat), then dx.  The arithmetic
- * of cin_backward_sums and cin_backward_dx / cin_scale, plane by plane, with the parameter
- * lookups and coefficient steps done once per batch. */
+ * (1), weight (1), bias (0, read only with an activation) likewise): per-plane sums(g) and
+ * sum(g * xhat), then dx.  The arithmetic of cin_backward_sums and cin_backward_dx /
+ * cin_scale, plane by plane, with the parameter lookups and coefficient steps done once per
+ * batch. */
 static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
                                        ptrdiff_t L, ptrdiff_t p0, const double *mean,
                                        ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
                                        const double *w, ptrdiff_t w_n, int use_input_stats,
-                                       double *sum_dy, double *sum_dy_xhat, int stream)
+                                       double *sum_dy, double *sum_dy_xhat, const double *bias,
+                                       ptrdiff_t b_n, int act, CIN_T slope, int stream)
 {
     double mu[CIN_SMALL_BATCH], rs[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH];
     double sg[CIN_SMALL_BATCH], sc[CIN_SMALL_BATCH];
-    CIN_T k[CIN_SMALL_BATCH];
+    CIN_T k[CIN_SMALL_BATCH], af[CIN_SMALL_BATCH], bf[CIN_SMALL_BATCH];
     const double inv_l = 1.0 / (double)L;
     ptrdiff_t mi = m_n ? p0 % m_n : 0, ri = r_n ? p0 % r_n : 0, wi = w_n ? p0 % w_n : 0;
+    ptrdiff_t bi = b_n ? p0 % b_n : 0;
     if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
     for (ptrdiff_t j = 0; j < n; j++) {
         mu[j] = m_n ? mean[mi] : 0.0;
@@ -282,18 +419,27 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
         if (r_n && ++ri == r_n) ri = 0;
         if (w_n && ++wi == w_n) wi = 0;
         k[j] = (CIN_T)mu[j];
-        CIN_FN(cin_backward_sums)(dy + j * L, x + j * L, L, k[j], &sg[j], &sc[j]);
-        sc[j] = sc[j] + ((double)k[j] - mu[j]) * sg[j];   /* centred: sum(dy * (x - mean)) */
+        af[j] = bf[j] = 0;
+        if (act) {  /* the forward's t = (x - k) * af + bf */
+            double al = rs[j] * wv[j];
+            af[j] = (CIN_T)al;
+            bf[j] = (CIN_T)((b_n ? bias[bi] : 0.0) - (mu[j] - (double)k[j]) * al);
+            if (b_n && ++bi == b_n) bi = 0;
+        }
+        CIN_FN(cin_backward_sums)(dy + j * L, x + j * L, L, k[j], af[j], bf[j], act, slope,
+                                  &sg[j], &sc[j]);
+        sc[j] = sc[j] + ((double)k[j] - mu[j]) * sg[j];   /* centred: sum(g * (x - mean)) */
     }
     for (ptrdiff_t j = 0; j < n; j++) {
         double a = wv[j] * rs[j];
         if (!use_input_stats) {
-            CIN_FN(cin_scale)(dy + j * L, dx + j * L, L, (CIN_T)a, stream);
+            CIN_FN(cin_scale)(dy + j * L, x + j * L, dx + j * L, L, (CIN_T)a, k[j], af[j], bf[j],
+                              act, slope, stream);
         } else {
             double b = -a * rs[j] * rs[j] * sc[j] * inv_l;
             double c = -a * sg[j] * inv_l + b * ((double)k[j] - mu[j]);
             CIN_FN(cin_backward_dx)(dy + j * L, x + j * L, dx + j * L, L, k[j], (CIN_T)a,
-                                    (CIN_T)b, (CIN_T)c, stream);
+                                    (CIN_T)b, (CIN_T)c, af[j], bf[j], act, slope, stream);
         }
         sum_dy[j] = sg[j];
         sum_dy_xhat[j] = sc[j] * rs[j];
@@ -314,10 +460,12 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
  * adds its rows in order.  (Register tiles of lanes walking down the rows, which need no
  * stores, read a row's lines in a stride the prefetchers do not follow: up to 1.4x slower.) */
 #define CIN_CL_PF_BYTES 4096
-static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g,
-                                      ptrdiff_t nb, ptrdiff_t w, ptrdiff_t ld,
-                                      const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
-                                      CIN_T *CIN_RESTRICT s2, int step, int pf)
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *CIN_RESTRICT g, ptrdiff_t nb,
+                          ptrdiff_t w, ptrdiff_t ld, const CIN_T *CIN_RESTRICT k,
+                          CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2, int step, int pf,
+                          const CIN_T *CIN_RESTRICT af, const CIN_T *CIN_RESTRICT bf,
+                          const int act, CIN_T sl)
 {
     typedef CIN_FN(cin_vec) V;
     ptrdiff_t row_bytes = pf ? w * (ptrdiff_t)sizeof(CIN_T) : 0;  /* 0: no prefetches */
@@ -338,12 +486,14 @@ static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *
         }
         ptrdiff_t c = 0;
         for (; c + CIN_VLEN <= w; c += CIN_VLEN) {
-            V kv = CIN_FN(cin_load)(k + c);
+            V kv = CIN_FN(cin_load)(k + c), afv = {0}, bfv = {0};
             V a = CIN_FN(cin_load)(s1 + c), q = CIN_FN(cin_load)(s2 + c);
+            if (act) { afv = CIN_FN(cin_load)(af + c); bfv = CIN_FN(cin_load)(bf + c); }
             for (int t = 0; t < m; t++) {
                 V d = CIN_FN(cin_load)(xr + t * ld + c) - kv;
                 if (g) {
                     V gv = CIN_FN(cin_load)(gr + t * ld + c);
+                    if (act) gv = CIN_FN(cin_vact_grad)(d * afv + bfv, gv, act, sl);
                     a += gv;
                     q += gv * d;
                 } else {
@@ -357,7 +507,11 @@ static void CIN_FN(cin_cl_block_sums)(const CIN_T *CIN_RESTRICT x, const CIN_T *
         for (; c < w; c++)
             for (int t = 0; t < m; t++) {
                 CIN_T d = xr[t * ld + c] - k[c];
-                if (g) { s1[c] += gr[t * ld + c]; s2[c] += gr[t * ld + c] * d; }
+                if (g) {
+                    CIN_T gv = gr[t * ld + c];
+                    if (act) gv = CIN_FN(cin_act_grad)(d * af[c] + bf[c], gv, act, sl);
+                    s1[c] += gv; s2[c] += gv * d;
+                }
                 else { s1[c] += d; s2[c] += d * d; }
             }
     }
@@ -377,14 +531,15 @@ static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, pt
     ptrdiff_t head = rows < CIN_CL_HEAD ? rows : CIN_CL_HEAD;
     for (ptrdiff_t c = 0; c < w; c++) { k[c] = 0; mean[c] = 0.0; m2[c] = 0.0; }
     if (head > 0) {
-        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, CIN_CL_STATS_STEP, pf);
+        CIN_FN(cin_cl_block_sums)(x, NULL, head, w, ld, k, s1, s2, CIN_CL_STATS_STEP, pf, NULL,
+                                  NULL, 0, 0);
         for (ptrdiff_t c = 0; c < w; c++) k[c] = (CIN_T)((double)s1[c] / (double)head);
     }
     double cnt = 0.0;
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BLOCK ? rows - b : CIN_CL_BLOCK;
         CIN_FN(cin_cl_block_sums)(x + b * ld, NULL, nb, w, ld, k, s1, s2, CIN_CL_STATS_STEP,
-                                  pf);
+                                  pf, NULL, NULL, 0, 0);
         /* Chan's merge of this block into the running (cnt, mean, m2), with the divisions
          * hoisted: every lane has the same counts. */
         double inv_nb = 1.0 / (double)nb, f = (double)nb / (cnt + (double)nb), g = cnt * f;
@@ -404,35 +559,58 @@ static void CIN_FN(cin_cl_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t rows, pt
 }
 #undef CIN_CL_HEAD
 
-/* Per-lane backward sums: sdy[c] = sum(dy), sdyx[c] = sum(dy * (x - k[c])), in CIN_T within
- * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks.  s1, s2: scratch of w. */
-static void CIN_FN(cin_cl_backward_sums)(const CIN_T *CIN_RESTRICT dy,
-                                         const CIN_T *CIN_RESTRICT x, ptrdiff_t rows,
-                                         ptrdiff_t w, ptrdiff_t ld, const CIN_T *CIN_RESTRICT k,
-                                         CIN_T *CIN_RESTRICT s1, CIN_T *CIN_RESTRICT s2,
-                                         double *sdy, double *sdyx, int pf)
+/* Per-lane backward sums: sdy[c] = sum(g), sdyx[c] = sum(g * (x - k[c])), in CIN_T within
+ * blocks of CIN_CL_BWD_BLOCK rows and in double across blocks; g = dy, or with an activation
+ * dy * act'(t), t = (x - k[c]) * af[c] + bf[c].  s1, s2: scratch of w. */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_cl_backward_sums_body)(const CIN_T *CIN_RESTRICT dy, const CIN_T *CIN_RESTRICT x,
+                                  ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld,
+                                  const CIN_T *CIN_RESTRICT k, CIN_T *CIN_RESTRICT s1,
+                                  CIN_T *CIN_RESTRICT s2, double *sdy, double *sdyx, int pf,
+                                  const CIN_T *af, const CIN_T *bf, const int act, CIN_T sl)
 {
     for (ptrdiff_t c = 0; c < w; c++) { sdy[c] = 0.0; sdyx[c] = 0.0; }
     for (ptrdiff_t b = 0; b < rows; b += CIN_CL_BWD_BLOCK) {
         ptrdiff_t nb = rows - b < CIN_CL_BWD_BLOCK ? rows - b : CIN_CL_BWD_BLOCK;
         CIN_FN(cin_cl_block_sums)(x + b * ld, dy + b * ld, nb, w, ld, k, s1, s2,
-                                  CIN_CL_BWD_STEP, pf);
+                                  CIN_CL_BWD_STEP, pf, af, bf, act, sl);
         for (ptrdiff_t c = 0; c < w; c++) { sdy[c] += (double)s1[c]; sdyx[c] += (double)s2[c]; }
     }
 }
 
-/* The elementwise channels-last passes: y[r, c] = (x[r, c] - k[c]) * a[c] + b[c] (cc == NULL),
- * or dx[r, c] = a[c] * dy[r, c] + b[c] * (x[r, c] - k[c]) + cc[c] (dy given); out may be x or
- * dy itself.
+static void CIN_FN(cin_cl_backward_sums)(const CIN_T *dy, const CIN_T *x, ptrdiff_t rows,
+                                         ptrdiff_t w, ptrdiff_t ld, const CIN_T *k, CIN_T *s1,
+                                         CIN_T *s2, double *sdy, double *sdyx, int pf,
+                                         const CIN_T *af, const CIN_T *bf, int act, CIN_T sl)
+{
+#define CIN_BODY(A, R) CIN_FN(cin_cl_backward_sums_body)(dy, x, rows, w, ld, k, s1, s2, sdy,     \
+                                                         sdyx, pf, af, bf, A, sl)
+    CIN_ACT_SWITCH(act, 0)
+#undef CIN_BODY
+}
+
+/* The elementwise channels-last passes: y[r, c] = act((x[r, c] - k[c]) * a[c] + b[c]) +
+ * res[r, c] (bwd == 0; res only when given), or dx[r, c] = a[c] * g + b[c] * (x[r, c] - k[c]) +
+ * cc[c] (bwd), with g = dy[r, c] or, with an activation, the gradient through it at
+ * t = (x[r, c] - k[c]) * af[c] + bf[c]; fixed: dx = a[c] * g.  out may be x, dy or res itself.
  * stream: non-temporal stores.  With ld == w the rows are one flat run of rows * w elements
  * (aligned stores need not start a row): lane o of an element is its index modulo w, and the
  * coefficients are read as vectors at k + o, so they must hold w + CIN_VLEN lanes, periodic in
  * w (k[w + j] = k[j]), and w >= CIN_VLEN (else, or with ld > w, plain stores). */
-#define CIN_CL_ELEM(i, o) (dy ? a[o] * dy[i] + b[o] * (x[i] - k[o]) + cc[o]                      \
-                              : (x[i] - k[o]) * a[o] + b[o])
-static void CIN_FN(cin_cl_apply)(const CIN_T *x, const CIN_T *dy, CIN_T *out, ptrdiff_t rows,
-                                 ptrdiff_t w, ptrdiff_t ld, const CIN_T *k, const CIN_T *a,
-                                 const CIN_T *b, const CIN_T *cc, int stream)
+#define CIN_CL_G(i, o) (act ? CIN_FN(cin_act_grad)((x[i] - k[o]) * af[o] + bf[o], dy[i], act, sl) \
+                            : dy[i])
+#define CIN_CL_ELEM(i, o) (bwd ? (fixed ? a[o] * CIN_CL_G(i, o)                                  \
+                                        : a[o] * CIN_CL_G(i, o) + b[o] * (x[i] - k[o]) + cc[o])   \
+                               : ({ CIN_T v_ = CIN_FN(cin_act)((x[i] - k[o]) * a[o] + b[o], act, \
+                                                               sl);                              \
+                                    if (res) v_ += rs[i];                                        \
+                                    v_; }))
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_cl_apply)(const CIN_T *x, const CIN_T *dy, CIN_T *out, ptrdiff_t rows, ptrdiff_t w,
+                     ptrdiff_t ld, const CIN_T *k, const CIN_T *a, const CIN_T *b,
+                     const CIN_T *cc, const CIN_T *rs, const CIN_T *af, const CIN_T *bf,
+                     const int act, CIN_T sl, const int res, const int bwd, const int fixed,
+                     int stream)
 {
     typedef CIN_FN(cin_vec) V;
 #ifdef CIN_STREAM
@@ -444,9 +622,19 @@ static void CIN_FN(cin_cl_apply)(const CIN_T *x, const CIN_T *dy, CIN_T *out, pt
         }
         for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
             V v = CIN_FN(cin_load)(x + i) - CIN_FN(cin_load)(k + o);
-            if (dy) v = CIN_FN(cin_load)(a + o) * CIN_FN(cin_load)(dy + i)
-                        + CIN_FN(cin_load)(b + o) * v + CIN_FN(cin_load)(cc + o);
-            else v = v * CIN_FN(cin_load)(a + o) + CIN_FN(cin_load)(b + o);
+            if (bwd) {
+                V g = CIN_FN(cin_load)(dy + i);
+                if (act)
+                    g = CIN_FN(cin_vact_grad)(v * CIN_FN(cin_load)(af + o)
+                                              + CIN_FN(cin_load)(bf + o), g, act, sl);
+                if (fixed) v = CIN_FN(cin_load)(a + o) * g;
+                else v = CIN_FN(cin_load)(a + o) * g + CIN_FN(cin_load)(b + o) * v
+                         + CIN_FN(cin_load)(cc + o);
+            } else {
+                v = CIN_FN(cin_vact)(v * CIN_FN(cin_load)(a + o) + CIN_FN(cin_load)(b + o), act,
+                                     sl);
+                if (res) v += CIN_FN(cin_load)(rs + i);
+            }
             CIN_STREAM(out + i, v);
             o += CIN_VLEN;
             if (o >= w) o -= w;
@@ -464,30 +652,50 @@ static void CIN_FN(cin_cl_apply)(const CIN_T *x, const CIN_T *dy, CIN_T *out, pt
     for (ptrdiff_t r = 0; r < rows; r++) {
         const CIN_T *xr = x + r * ld;
         CIN_T *yr = out + r * ld;
-        if (dy) {
+        if (bwd) {
             const CIN_T *gr = dy + r * ld;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < w; c++) yr[c] = a[c] * gr[c] + b[c] * (xr[c] - k[c]) + cc[c];
+            for (ptrdiff_t c = 0; c < w; c++) {
+                CIN_T g = gr[c];
+                if (act) g = CIN_FN(cin_act_grad)((xr[c] - k[c]) * af[c] + bf[c], g, act, sl);
+                yr[c] = fixed ? a[c] * g : a[c] * g + b[c] * (xr[c] - k[c]) + cc[c];
+            }
         } else {
+            const CIN_T *rr = res ? rs + r * ld : NULL;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < w; c++) yr[c] = (xr[c] - k[c]) * a[c] + b[c];
+            for (ptrdiff_t c = 0; c < w; c++) {
+                CIN_T v = CIN_FN(cin_act)((xr[c] - k[c]) * a[c] + b[c], act, sl);
+                if (res) v += rr[c];
+                yr[c] = v;
+            }
         }
     }
 }
 #undef CIN_CL_ELEM
+#undef CIN_CL_G
 
+/* y = act((x - k) * a + b) + res (res may be NULL) */
 static void CIN_FN(cin_cl_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t rows, ptrdiff_t w,
                                      ptrdiff_t ld, const CIN_T *k, const CIN_T *a, const CIN_T *b,
-                                     int stream)
+                                     const CIN_T *res, int act, CIN_T sl, int stream)
 {
-    CIN_FN(cin_cl_apply)(x, NULL, y, rows, w, ld, k, a, b, NULL, stream);
+#define CIN_BODY(A, R) CIN_FN(cin_cl_apply)(x, NULL, y, rows, w, ld, k, a, b, NULL, res, NULL,   \
+                                            NULL, A, sl, R, 0, 0, stream)
+    CIN_ACT_SWITCH(act, res != NULL)
+#undef CIN_BODY
 }
 
+/* dx from the gradient coefficients; cc == NULL: fixed statistics, dx = a * g (b unused). */
 static void CIN_FN(cin_cl_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx,
                                        ptrdiff_t rows, ptrdiff_t w, ptrdiff_t ld, const CIN_T *k,
-                                       const CIN_T *a, const CIN_T *b, const CIN_T *cc, int stream)
+                                       const CIN_T *a, const CIN_T *b, const CIN_T *cc,
+                                       const CIN_T *af, const CIN_T *bf, int act, CIN_T sl,
+                                       int stream)
 {
-    CIN_FN(cin_cl_apply)(x, dy, dx, rows, w, ld, k, a, b, cc, stream);
+#define CIN_BODY(A, F) CIN_FN(cin_cl_apply)(x, dy, dx, rows, w, ld, k, a, b, cc, NULL, af, bf,   \
+                                            A, sl, 0, 1, F, stream)
+    CIN_ACT_SWITCH(act, cc == NULL)
+#undef CIN_BODY
 }
 
 #undef CIN_STREAM

@@ -8,6 +8,8 @@ Shapes: ``x`` is (N, C, *spatial); ``mean``/``rstd`` are (N, C); ``weight``, ``b
 ``running_mean`` and ``running_var`` are (C,).
 """
 
+import math
+
 import numpy as np
 
 
@@ -190,3 +192,70 @@ class ModuleModel:
         if self.bias is not None:
             self.bias_grad = db if self.bias_grad is None else self.bias_grad + db
         return dx
+
+
+# ---- fused activation and residual -------------------------------------------------------------
+# Written from the definitions (torch's F.relu, F.leaky_relu, F.silu, F.gelu exact and 'tanh'),
+# in float64, with math.erf (exact to double rounding) for the GELU.
+
+ACTIVATIONS = (None, "relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
+_SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def activation(t, name, negative_slope=0.01):
+    """act(t) in float64."""
+    t = _f64(t)
+    if name is None:
+        return t
+    if name == "relu":
+        return np.where(t > 0, t, 0.0)
+    if name == "leaky_relu":
+        return np.where(t > 0, t, t * negative_slope)
+    if name == "silu":
+        return t / (1.0 + np.exp(-t))
+    if name == "gelu":
+        return 0.5 * t * (1.0 + _erf(t / np.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * t * (1.0 + np.tanh(_SQRT_2_OVER_PI * (t + 0.044715 * t ** 3)))
+    raise ValueError(name)
+
+
+def activation_derivative(t, name, negative_slope=0.01):
+    """act'(t) in float64 (ReLU/LeakyReLU: torch's value at 0, the negative side's)."""
+    t = _f64(t)
+    if name is None:
+        return np.ones_like(t)
+    if name == "relu":
+        return (t > 0).astype(np.float64)
+    if name == "leaky_relu":
+        return np.where(t > 0, 1.0, negative_slope)
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-t))
+        return s * (1.0 + t * (1.0 - s))
+    if name == "gelu":
+        return 0.5 * (1.0 + _erf(t / np.sqrt(2.0))) + t * np.exp(-0.5 * t * t) / np.sqrt(2 * np.pi)
+    if name == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (t + 0.044715 * t ** 3)
+        th = np.tanh(u)
+        return 0.5 * (1.0 + th) + 0.5 * t * (1.0 - th * th) * _SQRT_2_OVER_PI * (
+            1.0 + 3 * 0.044715 * t * t)
+    raise ValueError(name)
+
+
+def forward_act(x, weight=None, bias=None, eps=1e-5, activation_name=None, negative_slope=0.01,
+                residual=None, running_mean=None, running_var=None, use_input_stats=True):
+    """y = act(normalize(x)) + residual; returns (y, mean, rstd), float64."""
+    t, mean, rstd = forward(x, weight, bias, eps, running_mean, running_var, use_input_stats)
+    y = activation(t, activation_name, negative_slope)
+    if residual is not None:
+        y = y + _f64(residual)
+    return y, mean, rstd
+
+
+def backward_act(dy, x, mean, rstd, weight=None, bias=None, activation_name=None,
+                 negative_slope=0.01, use_input_stats=True):
+    """(dx, dweight, dbias) through the activation: g = dy * act'(t), t the pre-activation."""
+    t = normalize(x, mean, rstd, weight, bias)
+    g = _f64(dy) * activation_derivative(t, activation_name, negative_slope)
+    return backward(g, x, mean, rstd, weight, use_input_stats)

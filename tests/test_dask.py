@@ -58,3 +58,21 @@ def test_distributed_local_cluster(rng):
     assert_close(got, want)
     assert_close(rm, rm2)
     assert_close(rv, rv2)
+
+
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+def test_activation_and_residual(rng, act):
+    x = make_x(rng, (4, 6, 5, 6))
+    r = make_x(rng, x.shape)
+    w, b = make_affine(rng, 6)
+    rm, rv = rng.normal(size=6), rng.uniform(0.5, 2, 6)
+    xd = da.from_array(x, chunks=(2, 3, 5, 6))
+    rd = da.from_array(r, chunks=(1, 6, 5, 6))  # chunked differently: rechunked like x
+    got = cind.instance_norm(xd, weight=w, bias=b, activation=act, residual=rd).compute()
+    assert_close(got, cin.instance_norm(x, weight=w, bias=b, activation=act, residual=r))
+    got = cind.instance_norm(xd, rm, rv, w, b, use_input_stats=False, activation=act,
+                             negative_slope=0.3).compute()
+    assert_close(got, cin.instance_norm(x, rm, rv, w, b, use_input_stats=False,
+                                        activation=act, negative_slope=0.3))
+    with pytest.raises(ValueError, match="residual"):
+        cind.instance_norm(xd, residual=da.zeros((4, 6, 5)))

@@ -1333,3 +1333,39 @@ def test_matches_torch_cuda(rng, dtype):
     assert_close(dx.get(), xt.grad.cpu().numpy().astype(np.float64), grad=True)
     assert_close(dw.get(), wt.grad.cpu().numpy().astype(np.float64), grad=True)
     assert_close(db.get(), bt.grad.cpu().numpy().astype(np.float64), grad=True)
+
+
+# ---- fused activation and residual on CuPy arrays (issue 14) ----------------------------------
+
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 4, 64, 64), (1, 2, 512, 512)])
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+def test_activation_residual_forward_backward_and_eval(rng, shape, dtype, act):
+    import cupy
+    import cinstnorm as cin
+    x = make_x(rng, shape, dtype)
+    r = make_x(rng, shape, dtype)
+    dy = make_x(rng, shape, dtype)
+    w, b = make_affine(rng, shape[1], dtype)
+    y, mean, rstd = cin.instance_norm_forward(cupy.asarray(x), cupy.asarray(w),
+                                              cupy.asarray(b), activation=act,
+                                              negative_slope=0.2, residual=cupy.asarray(r))
+    want, _, _ = ref.forward_act(x, w, b, activation_name=act, negative_slope=0.2, residual=r)
+    assert_close(y.get(), want)
+    dx, dw, db = cin.instance_norm_backward(cupy.asarray(dy), cupy.asarray(x), mean, rstd,
+                                            cupy.asarray(w), cupy.asarray(b), activation=act,
+                                            negative_slope=0.2)
+    got = ref.backward_act(dy, x, mean.get(), rstd.get(), w, b, act, 0.2)
+    assert_close(dx.get(), got[0], grad=True)
+    scale = max(1.0, np.abs(got[1]).max(), np.abs(got[2]).max())
+    assert_close(dw.get() / scale, got[1] / scale, dtype, grad=True)
+    assert_close(db.get() / scale, got[2] / scale, dtype, grad=True)
+    rm, rv = rng.normal(size=shape[1]).astype(dtype), rng.uniform(0.5, 2, shape[1]).astype(dtype)
+    ye = cin.instance_norm(cupy.asarray(x), cupy.asarray(rm), cupy.asarray(rv), cupy.asarray(w),
+                           cupy.asarray(b), use_input_stats=False, activation=act,
+                           negative_slope=0.2, residual=cupy.asarray(r))
+    want, _, _ = ref.forward_act(x, w, b, activation_name=act, negative_slope=0.2, residual=r,
+                                 running_mean=rm, running_var=rv, use_input_stats=False)
+    assert_close(ye.get(), want)

@@ -17,6 +17,7 @@ finishes each chunk on the thread that just read it.
 cimport cython
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
 
 import numpy as np
 
@@ -183,6 +184,24 @@ cdef inline double _param_pc(const double[::1] a, Py_ssize_t p, Py_ssize_t c,
     return fill if n == 0 else (a[p] if p < n else a[c])
 
 
+cdef struct _Param:
+    # A per-plane parameter as the pointer drivers read it: n values (P, C, or 0: none)
+    const double *p
+    Py_ssize_t n
+
+
+cdef inline _Param _mv_param(const double[::1] a) noexcept nogil:
+    cdef _Param r
+    r.n = a.shape[0]
+    r.p = &a[0] if r.n else NULL
+    return r
+
+
+cdef inline double _pparam(_Param a, Py_ssize_t p, double fill) noexcept nogil:
+    """_param on a _Param."""
+    return fill if a.n == 0 else a.p[p % a.n]
+
+
 cdef inline void _merge_chunks(Py_ssize_t L, Py_ssize_t k, const double *cmean,
                                const double *cm2, double *mean, double *m2) noexcept nogil:
     """Merge a plane's k chunk statistics (in chunk order, so the result does not depend on
@@ -217,19 +236,16 @@ cdef inline void _small_forward(const floating *x, floating *y, Py_ssize_t n, Py
 
 
 cdef inline void _small_backward(const floating *dy, const floating *x, floating *dx,
-                                 Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0, const double[::1] m,
-                                 const double[::1] r, const double[::1] w, bint use_input_stats,
-                                 double *sdy, double *sdyx, int stream) noexcept nogil:
-    """cin_small_backward for planes p0.. (parameters as _param reads them)."""
-    cdef const double *mp = &m[0] if m.shape[0] else NULL
-    cdef const double *rp = &r[0] if r.shape[0] else NULL
-    cdef const double *wp = &w[0] if w.shape[0] else NULL
+                                 Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0, _Param m, _Param r,
+                                 _Param w, bint use_input_stats, double *sdy, double *sdyx,
+                                 int stream) noexcept nogil:
+    """cin_small_backward for planes p0.. (parameters as _pparam reads them)."""
     if floating is float:
-        cin_small_backward_f(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
-                             w.shape[0], use_input_stats, sdy, sdyx, stream)
+        cin_small_backward_f(dy, x, dx, n, L, p0, m.p, m.n, r.p, r.n, w.p, w.n,
+                             use_input_stats, sdy, sdyx, stream)
     else:
-        cin_small_backward_d(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
-                             w.shape[0], use_input_stats, sdy, sdyx, stream)
+        cin_small_backward_d(dy, x, dx, n, L, p0, m.p, m.n, r.p, r.n, w.p, w.n,
+                             use_input_stats, sdy, sdyx, stream)
 
 
 cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
@@ -278,77 +294,81 @@ cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py
 
 # ---- drivers ------------------------------------------------------------------------------
 
-cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
-                             floating[:, ::1] y,           # OUT (P, L), may be x itself
-                             const double[::1] weight,     # IN  (P,), (C,) or empty: scale
-                             const double[::1] bias,       # IN  (P,), (C,) or empty: shift
-                             double eps,
-                             double[::1] mean,             # OUT (P,)
-                             double[::1] var,              # OUT (P,) biased variance
-                             double[::1] rstd,             # OUT (P,) 1/sqrt(var + eps)
-                             int n_threads) except -1:
+cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
+                         floating *y,           # OUT (P, L), may be x itself
+                         Py_ssize_t P, Py_ssize_t L,
+                         _Param weight,         # IN  (P,), (C,) or none: scale
+                         _Param bias,           # IN  (P,), (C,) or none: shift
+                         double eps,
+                         double *mean,          # OUT (P,)
+                         double *var,           # OUT (P,) biased variance
+                         double *rstd,          # OUT (P,) 1/sqrt(var + eps)
+                         int n_threads) except -1:
     """Instance statistics of every plane, then y normalized with them."""
-    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L
-    cdef double[::1] cmean, cm2
-    cdef const double *wp = &weight[0] if weight.shape[0] else NULL
-    cdef const double *bp = &bias[0] if bias.shape[0] else NULL
+    cdef double *cmean
+    cdef double *cm2
+    global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region (about a microsecond)
-            global _threads_used
             _threads_used = 1
             with nogil:
                 for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
                     p = i * CIN_SMALL_BATCH
-                    _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
-                                   weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
-                                   &rstd[p], stream)
+                    _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
+                                   weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
+                                   rstd + p, stream)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
                 p = i * CIN_SMALL_BATCH
-                _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
-                               weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
-                               &rstd[p], stream)
+                _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
+                               weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
+                               rstd + p, stream)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for p in prange(P, schedule='static'):
-                _stats(&x[p, 0], L, &mean[p], &var[p])
+                _stats(x + p * L, L, &mean[p], &var[p])
                 var[p] = var[p] * inv_l
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
-                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], _param(weight, p, 1.0),
-                           _param(bias, p, 0.0), stream)
+                _normalize(x + p * L, y + p * L, L, mean[p], rstd[p], _pparam(weight, p, 1.0),
+                           _pparam(bias, p, 0.0), stream)
         return 0
-    cmean = np.empty(P * k, dtype=np.float64)
-    cm2 = np.empty(P * k, dtype=np.float64)
-    with nogil, parallel(num_threads=n_threads):
-        _record_team_size()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
-        cin_barrier()
-        for p in prange(P, schedule='static'):
-            _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
-            var[p] = var[p] * inv_l
-            rstd[p] = 1.0 / sqrt(var[p] + eps)
-        cin_barrier()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], _param(weight, p, 1.0),
-                       _param(bias, p, 0.0), stream)
+    cmean = <double *>malloc(2 * P * k * sizeof(double))
+    if cmean == NULL:
+        raise MemoryError()
+    cm2 = cmean + P * k
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _stats(x + p * L + lo, hi - lo, &cmean[i], &cm2[i])
+            cin_barrier()
+            for p in prange(P, schedule='static'):
+                _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
+                var[p] = var[p] * inv_l
+                rstd[p] = 1.0 / sqrt(var[p] + eps)
+            cin_barrier()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _normalize(x + p * L + lo, y + p * L + lo, hi - lo, mean[p], rstd[p],
+                           _pparam(weight, p, 1.0), _pparam(bias, p, 0.0), stream)
+    finally:
+        free(cmean)
     return 0
 
 
@@ -377,85 +397,92 @@ cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
     return 0
 
 
-cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
-                        const floating[:, ::1] x,          # IN  (P, L)
-                        const double[::1] mean,            # IN  (P,) saved or running mean
-                        const double[::1] rstd,            # IN  (P,) saved or running 1/sqrt(var + eps)
-                        const double[::1] weight,          # IN  (P,), (C,) or empty: scale
-                        floating[:, ::1] dx,               # OUT (P, L)
-                        double[::1] sum_dy,                # OUT (P,) sum(dy)
-                        double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
-                        bint use_input_stats,
-                        int n_threads) except -1:
+cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
+                          const floating *x,    # IN  (P, L)
+                          Py_ssize_t P, Py_ssize_t L,
+                          _Param mean,          # IN  (P,) or (C,) saved or running mean
+                          _Param rstd,          # IN  saved or running 1/sqrt(var + eps)
+                          _Param weight,        # IN  (P,), (C,) or none: scale
+                          floating *dx,         # OUT (P, L), may be dy or x itself
+                          double *sum_dy,       # OUT (P,) sum(dy)
+                          double *sum_dy_xhat,  # OUT (P,) sum(dy * (x - mean) * rstd)
+                          bint use_input_stats,
+                          int n_threads) except -1:
     """dx and the per-plane sums that dweight/dbias reduce from."""
-    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L, sg, sc
-    cdef double[::1] cg, cc
+    cdef double *cg
+    cdef double *cc
+    global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region
-            global _threads_used
             _threads_used = 1
             with nogil:
                 for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
                     p = i * CIN_SMALL_BATCH
-                    _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p),
-                                    L, p, mean, rstd, weight, use_input_stats, &sum_dy[p],
-                                    &sum_dy_xhat[p], stream)
+                    _small_backward(dy + p * L, x + p * L, dx + p * L,
+                                    min(CIN_SMALL_BATCH, P - p), L, p, mean, rstd, weight,
+                                    use_input_stats, sum_dy + p, sum_dy_xhat + p, stream)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
                 p = i * CIN_SMALL_BATCH
-                _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p), L,
-                                p, mean, rstd, weight, use_input_stats, &sum_dy[p],
-                                &sum_dy_xhat[p], stream)
+                _small_backward(dy + p * L, x + p * L, dx + p * L, min(CIN_SMALL_BATCH, P - p),
+                                L, p, mean, rstd, weight, use_input_stats, sum_dy + p,
+                                sum_dy_xhat + p, stream)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for p in prange(P, schedule='static'):
-                _bwd_sums(&dy[p, 0], &x[p, 0], L, _param(mean, p, 0.0), &sum_dy[p],
+                _bwd_sums(dy + p * L, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
                           &sum_dy_xhat[p])
-                _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, _param(mean, p, 0.0),
-                        _param(rstd, p, 1.0), _param(weight, p, 1.0),
+                _bwd_dx(dy + p * L, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
+                        _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
                         sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
-                sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
+                sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
         return 0
-    cg = np.empty(P * k, dtype=np.float64)
-    cc = np.empty(P * k, dtype=np.float64)
-    with nogil, parallel(num_threads=n_threads):
-        _record_team_size()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, _param(mean, p, 0.0), &cg[i], &cc[i])
-        cin_barrier()
-        for p in prange(P, schedule='static'):
-            sg = 0.0
-            sc = 0.0
-            for j in range(k):
-                sg = sg + cg[p * k + j]
-                sc = sc + cc[p * k + j]
-            sum_dy[p] = sg
-            sum_dy_xhat[p] = sc
-        cin_barrier()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, _param(mean, p, 0.0),
-                    _param(rstd, p, 1.0), _param(weight, p, 1.0),
-                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
-        cin_barrier()
-        for p in prange(P, schedule='static'):
-            sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
+    cg = <double *>malloc(2 * P * k * sizeof(double))
+    if cg == NULL:
+        raise MemoryError()
+    cc = cg + P * k
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _bwd_sums(dy + p * L + lo, x + p * L + lo, hi - lo, _pparam(mean, p, 0.0),
+                          &cg[i], &cc[i])
+            cin_barrier()
+            for p in prange(P, schedule='static'):
+                sg = 0.0
+                sc = 0.0
+                for j in range(k):
+                    sg = sg + cg[p * k + j]
+                    sc = sc + cc[p * k + j]
+                sum_dy[p] = sg
+                sum_dy_xhat[p] = sc
+            cin_barrier()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _bwd_dx(dy + p * L + lo, x + p * L + lo, dx + p * L + lo, hi - lo,
+                        _pparam(mean, p, 0.0), _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream)
+            cin_barrier()
+            for p in prange(P, schedule='static'):
+                sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
+    finally:
+        free(cg)
     return 0
 
 cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
@@ -1113,12 +1140,21 @@ def forward_train(x, y, weight, bias, double eps, stats, int n_threads):
     variance, rstd), then y = (x - mean) * rstd * weight + bias; x and y are C-contiguous
     float32 or float64."""
     cdef double[:, ::1] st = stats  # one buffer for the three (each costs a buffer request)
+    cdef const float[:, ::1] xf
+    cdef float[:, ::1] yf
+    cdef const double[:, ::1] xd
+    cdef double[:, ::1] yd
+    cdef _Param w = _mv_param(weight), b = _mv_param(bias)
     if x.itemsize == 4:  # float32 (the callers pass float32 or float64)
-        _forward_train_impl[cython.float](x, y, weight, bias, eps, st[0], st[1], st[2],
-                                          n_threads)
+        xf = x
+        yf = y
+        _forward_planes(&xf[0, 0], &yf[0, 0], xf.shape[0], xf.shape[1], w, b, eps, &st[0, 0],
+                        &st[1, 0], &st[2, 0], n_threads)
     else:
-        _forward_train_impl[cython.double](x, y, weight, bias, eps, st[0], st[1], st[2],
-                                           n_threads)
+        xd = x
+        yd = y
+        _forward_planes(&xd[0, 0], &yd[0, 0], xd.shape[0], xd.shape[1], w, b, eps, &st[0, 0],
+                        &st[1, 0], &st[2, 0], n_threads)
 
 
 def forward_channels_last(x, y, weight, bias, double eps, mean, var, rstd,
@@ -1160,15 +1196,26 @@ def normalize(x, y, mean, rstd, weight, bias, int n_threads):
         _normalize_impl[cython.double](x, y, mean, rstd, weight, bias, n_threads)
 
 
-def backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, bint use_input_stats,
-             int n_threads):
+def backward(dy, x, mean, rstd, weight, dx, double[::1] sum_dy, double[::1] sum_dy_xhat,
+             bint use_input_stats, int n_threads):
     """dx from dy, x and per-plane statistics; per-plane sum(dy) and sum(dy * xhat)."""
+    cdef const float[:, ::1] gf, xf
+    cdef float[:, ::1] df
+    cdef const double[:, ::1] gd, xd
+    cdef double[:, ::1] dd
+    cdef _Param m = _mv_param(mean), r = _mv_param(rstd), w = _mv_param(weight)
     if x.dtype == _F32:
-        _backward_impl[cython.float](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                     use_input_stats, n_threads)
+        gf = dy
+        xf = x
+        df = dx
+        _backward_planes(&gf[0, 0], &xf[0, 0], xf.shape[0], xf.shape[1], m, r, w, &df[0, 0],
+                         &sum_dy[0], &sum_dy_xhat[0], use_input_stats, n_threads)
     else:
-        _backward_impl[cython.double](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                      use_input_stats, n_threads)
+        gd = dy
+        xd = x
+        dd = dx
+        _backward_planes(&gd[0, 0], &xd[0, 0], xd.shape[0], xd.shape[1], m, r, w, &dd[0, 0],
+                         &sum_dy[0], &sum_dy_xhat[0], use_input_stats, n_threads)
 
 
 # ---- build and runtime facts ----------------------------------------------------------------

@@ -16,10 +16,15 @@ finishes each chunk on the thread that just read it.
 """
 cimport cython
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport sqrt
+from libc.math cimport sqrt, isfinite, INFINITY
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongAndOverflow
 from libc.stdlib cimport malloc, free
 
 import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
 
 ctypedef fused floating:
     float
@@ -1216,6 +1221,402 @@ def backward(dy, x, mean, rstd, weight, dx, double[::1] sum_dy, double[::1] sum_
         dd = dx
         _backward_planes(&gd[0, 0], &xd[0, 0], xd.shape[0], xd.shape[1], m, r, w, &dd[0, 0],
                          &sum_dy[0], &sum_dy_xhat[0], use_input_stats, n_threads)
+
+
+# ---- fast paths of the public calls -------------------------------------------------------
+# A call on dense arrays (exact ndarrays, C-contiguous, aligned, native float32/float64) with
+# plain arguments spends most of its time in Python when the input is small: validation,
+# layout, parameter conversion, thread resolution (20 to 40 us against 2 to 10 us of kernel on
+# (1, 64, 16, 16)).  These functions check the common case here, in C, run the same pointer
+# drivers as the full path (so the results are bitwise the same), and return None for anything
+# else: the full Python path then runs, raises its own errors, or handles the unusual layout.
+# Nothing is written before every check has passed.
+
+# set_num_threads(n): n; 0: the OpenMP default; -1: a count outside the fast paths' range
+cdef int _default_threads = 0
+
+cdef enum:
+    # Scratch doubles on the stack (converted parameters, statistics): P = 200 planes or so.
+    _STACK_DOUBLES = 1024
+    _MAX_FAST_THREADS = 4096
+    _DENSE = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    # fast_forward modes: what it returns
+    FAST_Y = 0          # y
+    FAST_Y_STATS = 1    # (y, mean, rstd): (N, C) arrays of x's dtype
+    FAST_Y_PLANES = 2   # (y, stats): float64 (3, P) mean, biased variance, rstd
+
+
+# the modes for Python callers
+FORWARD_Y, FORWARD_Y_STATS, FORWARD_Y_PLANES = FAST_Y, FAST_Y_STATS, FAST_Y_PLANES
+
+
+def set_default_threads(n):
+    """The thread count of calls with n_threads=None (set_num_threads; None: the OpenMP
+    default)."""
+    global _default_threads
+    if n is None:
+        _default_threads = 0
+    else:
+        _default_threads = n if 1 <= n <= _MAX_FAST_THREADS else -1
+
+
+cdef int _fast_threads(object n_threads) except -1:
+    """n_threads of a fast call: None (the default) or a positive int (at most
+    _MAX_FAST_THREADS); 0 for anything else, which the full path resolves or rejects."""
+    cdef int overflow = 0
+    cdef long v
+    if n_threads is None:
+        if _default_threads != 0:
+            return _default_threads if _default_threads > 0 else 0
+        v = omp_get_max_threads()
+        return <int>v if v > 0 else 1
+    if type(n_threads) is not int:
+        return 0
+    v = PyLong_AsLongAndOverflow(n_threads, &overflow)
+    if overflow or v < 1 or v > _MAX_FAST_THREADS:
+        return 0
+    return <int>v
+
+
+cdef inline int _dense_type(object a) noexcept:
+    """NPY_FLOAT or NPY_DOUBLE for an exact ndarray the kernels read in place (C-contiguous,
+    aligned, native byte order); -1 for anything else."""
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return -1
+    arr = <cnp.ndarray>a
+    if (cnp.PyArray_FLAGS(arr) & _DENSE) != _DENSE:
+        return -1
+    t = cnp.PyArray_TYPE(arr)
+    if (t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(arr):
+        return -1
+    return t
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int i, nd = cnp.PyArray_NDIM(a)
+    if cnp.PyArray_NDIM(b) != nd:
+        return False
+    for i in range(nd):
+        if cnp.PyArray_DIM(a, i) != cnp.PyArray_DIM(b, i):
+            return False
+    return True
+
+
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether two dense arrays share memory without being the same memory."""
+    cdef char *pa = cnp.PyArray_BYTES(a)
+    cdef char *pb = cnp.PyArray_BYTES(b)
+    if pa == pb:
+        return cnp.PyArray_NBYTES(a) != cnp.PyArray_NBYTES(b)
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
+
+
+cdef bint _fast_out(object out, cnp.ndarray x, int t, object other) noexcept:
+    """out (not None) can take the kernel's output in place: a dense, writable array of x's
+    shape and dtype that is x's (and other's) memory or shares none of it."""
+    cdef cnp.ndarray o
+    if _dense_type(out) != t:
+        return False
+    o = <cnp.ndarray>out
+    if not _same_shape(o, x) or not cnp.PyArray_ISWRITEABLE(o) or _overlap(o, x):
+        return False
+    return other is None or not _overlap(o, <cnp.ndarray>other)
+
+
+cdef enum:
+    # shapes a parameter may have (_load_param): per channel, per (n, c), per plane flattened
+    _SHAPE_C = 1
+    _SHAPE_NC = 2
+    _SHAPE_P = 4
+
+
+cdef int _load_param(object a, Py_ssize_t N, Py_ssize_t C, int shapes, double *buf,
+                     _Param *out) noexcept:
+    """A dense parameter of one of `shapes` ((C,), (N, C), (N*C,)) as the kernels read it:
+    float64 in place, float32 converted into buf (room for N*C); None: no parameter.
+    Returns 0, or -1 for anything else (the full path takes it)."""
+    cdef cnp.ndarray arr
+    cdef int nd
+    cdef Py_ssize_t n, i
+    cdef const float *f
+    if a is None:
+        out.p = NULL
+        out.n = 0
+        return 0
+    if _dense_type(a) < 0:
+        return -1
+    arr = <cnp.ndarray>a
+    nd = cnp.PyArray_NDIM(arr)
+    if nd == 1 and (shapes & _SHAPE_C) and cnp.PyArray_DIM(arr, 0) == C:
+        n = C
+    elif nd == 1 and (shapes & _SHAPE_P) and cnp.PyArray_DIM(arr, 0) == N * C:
+        n = N * C
+    elif (nd == 2 and (shapes & _SHAPE_NC) and cnp.PyArray_DIM(arr, 0) == N
+          and cnp.PyArray_DIM(arr, 1) == C):
+        n = N * C
+    else:
+        return -1
+    out.n = n
+    if cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE:
+        out.p = <const double *>cnp.PyArray_DATA(arr)
+        return 0
+    f = <const float *>cnp.PyArray_DATA(arr)
+    for i in range(n):
+        buf[i] = <double>f[i]
+    out.p = buf
+    return 0
+
+
+cdef double *_scratch(Py_ssize_t need, double *stack) except NULL:
+    """Room for `need` doubles: `stack` (_STACK_DOUBLES of them) when enough, else malloc'd
+    (the caller frees what is not its stack)."""
+    cdef double *mem
+    if need <= _STACK_DOUBLES:
+        return stack
+    mem = <double *>malloc(need * sizeof(double))
+    if mem == NULL:
+        raise MemoryError()
+    return mem
+
+
+cdef inline Py_ssize_t _spatial(cnp.ndarray x) noexcept:
+    cdef Py_ssize_t L = 1
+    cdef int i
+    for i in range(2, cnp.PyArray_NDIM(x)):
+        L *= cnp.PyArray_DIM(x, i)
+    return L
+
+
+cdef void _to_dtype(const double *s, Py_ssize_t n, int t, void *dst) noexcept nogil:
+    """n doubles into a float32 (t == NPY_FLOAT) or float64 array's data."""
+    cdef Py_ssize_t i
+    cdef float *f = <float *>dst
+    cdef double *d = <double *>dst
+    if t == cnp.NPY_FLOAT:
+        for i in range(n):
+            f[i] = <float>s[i]
+    else:
+        for i in range(n):
+            d[i] = s[i]
+
+
+cdef void _channel_sums(const double *s, Py_ssize_t N, Py_ssize_t C, int t,
+                        void *dst) noexcept nogil:
+    """dst[c] = sum over n of s[n * C + c], added in order of n, in x's dtype."""
+    cdef Py_ssize_t n, c
+    cdef double acc
+    cdef float *f = <float *>dst
+    cdef double *d = <double *>dst
+    for c in range(C):
+        acc = s[c]
+        for n in range(1, N):
+            acc = acc + s[n * C + c]
+        if t == cnp.NPY_FLOAT:
+            f[c] = <float>acc
+        else:
+            d[c] = acc
+
+
+def channel_sums(double[::1] sums, Py_ssize_t N, Py_ssize_t C, dtype):
+    """(C,) array of ``dtype`` (float32 or float64): per-plane float64 (N*C,) sums added over
+    n, in order (what the fast backward returns as dweight and dbias)."""
+    cdef int t = cnp.NPY_FLOAT if np.dtype(dtype) == _F32 else cnp.NPY_DOUBLE
+    cdef cnp.npy_intp dims[1]
+    if sums.shape[0] != N * C or N < 1:
+        raise ValueError(f"expected {N} * {C} sums, got {sums.shape[0]}")
+    dims[0] = C
+    res = cnp.PyArray_EMPTY(1, dims, t, 0)
+    _channel_sums(&sums[0], N, C, t, cnp.PyArray_DATA(<cnp.ndarray>res))
+    return res
+
+
+cdef object _fast_forward(object x, object weight, object bias, object eps, object n_threads,
+                          object out, int mode, bint per_sample):
+    """fast_forward; per_sample: weight and bias may be (N, C)."""
+    cdef int t = _dense_type(x), nt
+    cdef cnp.ndarray xa
+    cdef Py_ssize_t N, C, L, P, need
+    cdef double e
+    cdef double stack[_STACK_DOUBLES]
+    cdef double *mem
+    cdef double *mean
+    cdef double *var
+    cdef double *rstd
+    cdef _Param w, b
+    cdef int shapes = _SHAPE_C | _SHAPE_NC if per_sample else _SHAPE_C
+    if t < 0:
+        return None
+    xa = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(xa) < 3:
+        return None
+    N = cnp.PyArray_DIM(xa, 0)
+    C = cnp.PyArray_DIM(xa, 1)
+    L = _spatial(xa)
+    P = N * C
+    if P == 0 or L < 2 or type(eps) is not float:
+        return None
+    e = PyFloat_AS_DOUBLE(eps)
+    if not (e >= 0.0 and e < INFINITY):
+        return None
+    nt = _fast_threads(n_threads)
+    if nt == 0 or (out is not None and not _fast_out(out, xa, t, None)):
+        return None
+    need = 5 * P if per_sample else 2 * C + 3 * P
+    mem = _scratch(need, stack)
+    try:
+        if (_load_param(weight, N, C, shapes, mem, &w) < 0
+                or _load_param(bias, N, C, shapes, mem + w.n, &b) < 0):
+            return None
+        mean = mem + w.n + b.n
+        var = mean + P
+        rstd = var + P
+        y = out if out is not None else cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa),
+                                                          cnp.PyArray_DIMS(xa), t, 0)
+        if mode == FAST_Y_PLANES:
+            stats = np.empty((3, P))
+            mean = <double *>cnp.PyArray_DATA(<cnp.ndarray>stats)
+            var = mean + P
+            rstd = var + P
+        if t == cnp.NPY_FLOAT:
+            _forward_planes(<const float *>cnp.PyArray_DATA(xa),
+                            <float *>cnp.PyArray_DATA(<cnp.ndarray>y), P, L, w, b, e, mean,
+                            var, rstd, nt)
+        else:
+            _forward_planes(<const double *>cnp.PyArray_DATA(xa),
+                            <double *>cnp.PyArray_DATA(<cnp.ndarray>y), P, L, w, b, e, mean,
+                            var, rstd, nt)
+        if mode == FAST_Y:
+            return y
+        if mode == FAST_Y_PLANES:
+            return y, stats
+        m_out = _nc_array(N, C, t)
+        r_out = _nc_array(N, C, t)
+        _to_dtype(mean, P, t, cnp.PyArray_DATA(<cnp.ndarray>m_out))
+        _to_dtype(rstd, P, t, cnp.PyArray_DATA(<cnp.ndarray>r_out))
+        return y, m_out, r_out
+    finally:
+        if mem != &stack[0]:
+            free(mem)
+
+
+cdef inline object _nc_array(Py_ssize_t N, Py_ssize_t C, int t):
+    cdef cnp.npy_intp dims[2]
+    dims[0] = N
+    dims[1] = C
+    return cnp.PyArray_EMPTY(2, dims, t, 0)
+
+
+def fast_forward(x, weight, bias, eps, n_threads, out, int mode=FAST_Y_STATS):
+    """instance_norm_forward(x, weight, bias, eps, n_threads=, out=) when every argument is in
+    the common case (dense x with at least 2 spatial elements, weight and bias None or dense
+    (C,) or (N, C), eps a float in [0, inf), n_threads None or positive, out None or a dense
+    writable array of x's shape and dtype, x itself or apart from it); None otherwise.  mode
+    FAST_Y_PLANES returns (y, float64 (3, P) statistics) instead, FAST_Y just y."""
+    return _fast_forward(x, weight, bias, eps, n_threads, out, mode, True)
+
+
+def fast_instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                       eps, n_threads, out):
+    """instance_norm(...) without running statistics when every argument is in the common
+    case (see fast_forward; weight and bias (C,) only, momentum None or a finite float); None
+    otherwise."""
+    if running_mean is not None or running_var is not None or use_input_stats is not True:
+        return None
+    if momentum is not None and (type(momentum) is not float
+                                 or not isfinite(PyFloat_AS_DOUBLE(momentum))):
+        return None
+    return _fast_forward(x, weight, bias, eps, n_threads, out, FAST_Y, False)
+
+
+def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
+                  bint planes=False):
+    """instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats=, n_threads=, out=)
+    when every argument is in the common case (dense dy and x of one shape and dtype, mean,
+    rstd and weight dense (N, C) or (C,) (weight may be None), use_input_stats a bool (True: at
+    least 2 spatial elements), n_threads and out as for fast_forward, out may be dy or x);
+    None otherwise.  planes (the internal call, validated already): mean, rstd and weight
+    may be (P,) too, and it returns (dx, float64 (2, P) sum(dy), sum(dy * xhat)) instead."""
+    cdef int t = _dense_type(x), nt
+    cdef cnp.ndarray xa, ga
+    cdef Py_ssize_t N, C, L, P, need
+    cdef bint use
+    cdef double stack[_STACK_DOUBLES]
+    cdef double *mem
+    cdef double *sdy
+    cdef double *sdyx
+    cdef _Param m, r, w
+    # the public call's (N, C) or (C,) parameters; the modules' saved (P,) statistics too
+    cdef int shapes = _SHAPE_C | _SHAPE_NC | (_SHAPE_P if planes else 0)
+    if t < 0 or _dense_type(dy) != t:
+        return None
+    xa = <cnp.ndarray>x
+    ga = <cnp.ndarray>dy
+    if cnp.PyArray_NDIM(xa) < 3 or not _same_shape(xa, ga):
+        return None
+    if use_input_stats is True:
+        use = True
+    elif use_input_stats is False:
+        use = False
+    else:
+        return None
+    N = cnp.PyArray_DIM(xa, 0)
+    C = cnp.PyArray_DIM(xa, 1)
+    L = _spatial(xa)
+    P = N * C
+    if P == 0 or L < 1 or (use and L < 2):
+        return None
+    nt = _fast_threads(n_threads)
+    if nt == 0 or (out is not None and not _fast_out(out, xa, t, dy)):
+        return None
+    need = 5 * P
+    mem = _scratch(need, stack)
+    try:
+        if (_load_param(mean, N, C, shapes, mem, &m) < 0
+                or _load_param(rstd, N, C, shapes, mem + P, &r) < 0
+                or _load_param(weight, N, C, shapes, mem + 2 * P, &w) < 0):
+            return None
+        sdy = mem + 3 * P
+        sdyx = sdy + P
+        if planes:
+            sums = np.empty((2, P))
+            sdy = <double *>cnp.PyArray_DATA(<cnp.ndarray>sums)
+            sdyx = sdy + P
+        dx = out if out is not None else cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa),
+                                                           cnp.PyArray_DIMS(xa), t, 0)
+        if t == cnp.NPY_FLOAT:
+            _backward_planes(<const float *>cnp.PyArray_DATA(ga),
+                             <const float *>cnp.PyArray_DATA(xa), P, L, m, r, w,
+                             <float *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt)
+        else:
+            _backward_planes(<const double *>cnp.PyArray_DATA(ga),
+                             <const double *>cnp.PyArray_DATA(xa), P, L, m, r, w,
+                             <double *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt)
+        if planes:
+            return dx, sums
+        if weight is None:
+            return dx, None, None
+        if w.n == P and cnp.PyArray_NDIM(<cnp.ndarray>weight) == 2:  # per sample: per plane
+            dw = _nc_array(N, C, t)
+            db = _nc_array(N, C, t)
+            _to_dtype(sdyx, P, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
+            _to_dtype(sdy, P, t, cnp.PyArray_DATA(<cnp.ndarray>db))
+            return dx, dw, db
+        dw = _c_array(C, t)
+        db = _c_array(C, t)
+        _channel_sums(sdyx, N, C, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
+        _channel_sums(sdy, N, C, t, cnp.PyArray_DATA(<cnp.ndarray>db))
+        return dx, dw, db
+    finally:
+        if mem != &stack[0]:
+            free(mem)
+
+
+cdef inline object _c_array(Py_ssize_t C, int t):
+    cdef cnp.npy_intp dims[1]
+    dims[0] = C
+    return cnp.PyArray_EMPTY(1, dims, t, 0)
 
 
 # ---- build and runtime facts ----------------------------------------------------------------

@@ -1419,17 +1419,39 @@ cdef void _channel_sums(const double *s, Py_ssize_t N, Py_ssize_t C, int t,
             d[c] = acc
 
 
-def channel_sums(double[::1] sums, Py_ssize_t N, Py_ssize_t C, dtype):
+def channel_sums(double[::1] sums, Py_ssize_t N, Py_ssize_t C, dtype, acc=None):
     """(C,) array of ``dtype`` (float32 or float64): per-plane float64 (N*C,) sums added over
-    n, in order (what the fast backward returns as dweight and dbias)."""
+    n, in order (what the fast backward returns as dweight and dbias), plus ``acc`` (None, or
+    an earlier (C,) gradient to accumulate into, added in float64)."""
     cdef int t = cnp.NPY_FLOAT if np.dtype(dtype) == _F32 else cnp.NPY_DOUBLE
     cdef cnp.npy_intp dims[1]
+    cdef Py_ssize_t c
+    cdef double *d
+    cdef const float *fa
+    cdef const double *da
     if sums.shape[0] != N * C or N < 1:
         raise ValueError(f"expected {N} * {C} sums, got {sums.shape[0]}")
     dims[0] = C
-    res = cnp.PyArray_EMPTY(1, dims, t, 0)
-    _channel_sums(&sums[0], N, C, t, cnp.PyArray_DATA(<cnp.ndarray>res))
-    return res
+    if acc is not None and (_dense_type(acc) < 0 or cnp.PyArray_NDIM(<cnp.ndarray>acc) != 1
+                            or cnp.PyArray_DIM(<cnp.ndarray>acc, 0) != C):
+        return (acc + channel_sums(sums, N, C, np.float64)).astype(dtype)
+    res = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+    d = <double *>cnp.PyArray_DATA(<cnp.ndarray>res)
+    _channel_sums(&sums[0], N, C, cnp.NPY_DOUBLE, d)
+    if acc is not None:
+        if cnp.PyArray_TYPE(<cnp.ndarray>acc) == cnp.NPY_FLOAT:
+            fa = <const float *>cnp.PyArray_DATA(<cnp.ndarray>acc)
+            for c in range(C):
+                d[c] = <double>fa[c] + d[c]
+        else:
+            da = <const double *>cnp.PyArray_DATA(<cnp.ndarray>acc)
+            for c in range(C):
+                d[c] = da[c] + d[c]
+    if t == cnp.NPY_DOUBLE:
+        return res
+    out = cnp.PyArray_EMPTY(1, dims, t, 0)
+    _to_dtype(d, C, t, cnp.PyArray_DATA(<cnp.ndarray>out))
+    return out
 
 
 cdef object _fast_forward(object x, object weight, object bias, object eps, object n_threads,

@@ -109,7 +109,7 @@ static void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
  * x near the mean, which avoids the cancellation of the usual x * alpha + (beta - mean * alpha).
  * x and y may be the same array (in place).  stream: non-temporal stores for y (outputs
  * larger than the last-level cache), which skip the read-for-ownership of y's lines. */
-static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
+static CIN_ALWAYS_INLINE void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
                                   CIN_T k, CIN_T alpha, CIN_T beta, int stream)
 {
     ptrdiff_t i = 0;
@@ -183,7 +183,7 @@ static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptr
 
 /* Backward sums over n elements: *sdy = sum(dy), *sdyx = sum(dy * (x - k)), accumulated in
  * CIN_T inside blocks and in double across blocks. */
-static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
+static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
                                       const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
                                       double *sdy, double *sdyx)
 {
@@ -211,7 +211,7 @@ static void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRICT dy,
 
 /* dx = a * dy + b * (x - k) + c  (the input-statistics gradient, rearranged per plane).
  * dx may be dy itself. */
-static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
                                     CIN_T k, CIN_T a, CIN_T b, CIN_T c, int stream)
 {
     ptrdiff_t i = 0;
@@ -236,7 +236,7 @@ static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, 
 }
 
 /* dx = a * dy  (fixed running statistics: no gradient through the statistics). */
-static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, int stream)
+static CIN_ALWAYS_INLINE void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, int stream)
 {
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
@@ -260,8 +260,9 @@ static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, 
 /* Backward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK elements (plane j at
  * dy/x/dx + j * L, parameter index p0 + j: mean[(p0 + j) % m_n] (0 when m_n is 0), rstd
  * (1), weight (1) likewise): per-plane sums(dy) and sum(dy * xhat), then dx.  The arithmetic
- * of cin_backward_sums and cin_backward_dx / cin_scale, plane by plane, with the parameter
- * lookups and coefficient steps done once per batch. */
+ * of cin_backward_sums and cin_backward_dx / cin_scale, plane by plane, but (as in
+ * cin_small_forward) the per-plane scalar steps between the two passes run across the batch,
+ * in vectors, instead of as a dependency chain in front of each plane's dx. */
 static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
                                        ptrdiff_t L, ptrdiff_t p0, const double *mean,
                                        ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
@@ -270,7 +271,7 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
 {
     double mu[CIN_SMALL_BATCH], rs[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH];
     double sg[CIN_SMALL_BATCH], sc[CIN_SMALL_BATCH];
-    CIN_T k[CIN_SMALL_BATCH];
+    CIN_T k[CIN_SMALL_BATCH], ca[CIN_SMALL_BATCH], cb[CIN_SMALL_BATCH], cc[CIN_SMALL_BATCH];
     const double inv_l = 1.0 / (double)L;
     ptrdiff_t mi = m_n ? p0 % m_n : 0, ri = r_n ? p0 % r_n : 0, wi = w_n ? p0 % w_n : 0;
     if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
@@ -282,21 +283,27 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
         if (r_n && ++ri == r_n) ri = 0;
         if (w_n && ++wi == w_n) wi = 0;
         k[j] = (CIN_T)mu[j];
+    }
+    for (ptrdiff_t j = 0; j < n; j++)
         CIN_FN(cin_backward_sums)(dy + j * L, x + j * L, L, k[j], &sg[j], &sc[j]);
-        sc[j] = sc[j] + ((double)k[j] - mu[j]) * sg[j];   /* centred: sum(dy * (x - mean)) */
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double s = sc[j] + ((double)k[j] - mu[j]) * sg[j];   /* centred: sum(dy * (x - mean)) */
+        double a = wv[j] * rs[j];
+        double b = use_input_stats ? -a * rs[j] * rs[j] * s * inv_l : 0.0;
+        double c = use_input_stats ? -a * sg[j] * inv_l + b * ((double)k[j] - mu[j]) : 0.0;
+        ca[j] = (CIN_T)a;
+        cb[j] = (CIN_T)b;
+        cc[j] = (CIN_T)c;
+        sum_dy[j] = sg[j];
+        sum_dy_xhat[j] = s * rs[j];
     }
     for (ptrdiff_t j = 0; j < n; j++) {
-        double a = wv[j] * rs[j];
-        if (!use_input_stats) {
-            CIN_FN(cin_scale)(dy + j * L, dx + j * L, L, (CIN_T)a, stream);
-        } else {
-            double b = -a * rs[j] * rs[j] * sc[j] * inv_l;
-            double c = -a * sg[j] * inv_l + b * ((double)k[j] - mu[j]);
-            CIN_FN(cin_backward_dx)(dy + j * L, x + j * L, dx + j * L, L, k[j], (CIN_T)a,
-                                    (CIN_T)b, (CIN_T)c, stream);
-        }
-        sum_dy[j] = sg[j];
-        sum_dy_xhat[j] = sc[j] * rs[j];
+        if (!use_input_stats)
+            CIN_FN(cin_scale)(dy + j * L, dx + j * L, L, ca[j], stream);
+        else
+            CIN_FN(cin_backward_dx)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j], cb[j],
+                                    cc[j], stream);
     }
 }
 

@@ -383,3 +383,30 @@ def test_channel_sums_add_in_order():
     assert _cpu.channel_sums(s, 3, 2, np.float32).dtype == np.float32
     with pytest.raises(ValueError):
         _cpu.channel_sums(s, 2, 2, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channel_sums_accumulate_in_float64(dtype):
+    s = np.array([0.1, 0.2, 0.3, 0.4])  # (N, C) = (2, 2)
+    acc = np.array([1e8, -3.0], dtype)
+    got = _cpu.channel_sums(s, 2, 2, dtype, acc)
+    want = (acc.astype(np.float64) + np.array([0.1 + 0.3, 0.2 + 0.4])).astype(dtype)
+    assert got.dtype == dtype and np.array_equal(got, want)
+    # anything but a dense (C,) float array: NumPy's addition, the same result
+    assert np.array_equal(_cpu.channel_sums(s, 2, 2, dtype, acc.tolist()), want)
+
+
+def test_module_gradients_accumulate(rng):
+    x, w, b = data(rng, (3, 4, 5, 6))
+    m = cin.InstanceNorm2d(4, affine=True)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    m(x)
+    m.backward(dy)
+    first = m.weight_grad.copy(), m.bias_grad.copy()
+    m.backward(dy)
+    _, mean, rstd = cin.instance_norm_forward(x, m.weight, m.bias)
+    _, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, m.weight)
+    assert np.array_equal(first[0], dw) and np.array_equal(first[1], db)
+    np.testing.assert_allclose(m.weight_grad, 2 * first[0], rtol=1e-6)
+    np.testing.assert_allclose(m.bias_grad, 2 * first[1], rtol=1e-6, atol=1e-6)
+    assert m.weight_grad.dtype == m.bias_grad.dtype == np.float32

@@ -147,6 +147,7 @@ def set_num_threads(n: Optional[int]) -> None:
     """
     global _user_threads
     _user_threads = None if n is None else _check_count(n, "n")
+    _cpu.set_default_threads(_user_threads)  # what the fast paths read
 
 
 def get_num_threads() -> int:

@@ -16,9 +16,15 @@ finishes each chunk on the thread that just read it.
 """
 cimport cython
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport sqrt
+from libc.math cimport sqrt, isfinite, INFINITY
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongAndOverflow
+from libc.stdlib cimport malloc, free
 
 import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
 
 ctypedef fused floating:
     float
@@ -201,6 +207,28 @@ cdef inline double _param_pc(const double[::1] a, Py_ssize_t p, Py_ssize_t c,
     return fill if n == 0 else (a[p] if p < n else a[c])
 
 
+cdef struct _Param:
+    # A per-plane parameter as the pointer drivers read it: n values (P, C, or 0: none)
+    const double *p
+    Py_ssize_t n
+
+
+# no parameter (the kernels then use 1, or 0 for a shift)
+cdef _Param _NONE_PARAM = _Param(NULL, 0)
+
+
+cdef inline _Param _mv_param(const double[::1] a) noexcept nogil:
+    cdef _Param r
+    r.n = a.shape[0]
+    r.p = &a[0] if r.n else NULL
+    return r
+
+
+cdef inline double _pparam(_Param a, Py_ssize_t p, double fill) noexcept nogil:
+    """_param on a _Param."""
+    return fill if a.n == 0 else a.p[p % a.n]
+
+
 cdef inline void _merge_chunks(Py_ssize_t L, Py_ssize_t k, const double *cmean,
                                const double *cm2, double *mean, double *m2) noexcept nogil:
     """Merge a plane's k chunk statistics (in chunk order, so the result does not depend on
@@ -238,23 +266,16 @@ cdef inline void _small_forward(const floating *x, floating *y, Py_ssize_t n, Py
 
 
 cdef inline void _small_backward(const floating *dy, const floating *x, floating *dx,
-                                 Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0, const double[::1] m,
-                                 const double[::1] r, const double[::1] w, bint use_input_stats,
-                                 double *sdy, double *sdyx, const double[::1] b, int act,
-                                 double slope, int stream) noexcept nogil:
-    """cin_small_backward for planes p0.. (parameters as _param reads them)."""
-    cdef const double *mp = &m[0] if m.shape[0] else NULL
-    cdef const double *rp = &r[0] if r.shape[0] else NULL
-    cdef const double *wp = &w[0] if w.shape[0] else NULL
-    cdef const double *bp = &b[0] if b.shape[0] else NULL
+                                 Py_ssize_t n, Py_ssize_t L, Py_ssize_t p0, _Param m, _Param r,
+                                 _Param w, bint use_input_stats, double *sdy, double *sdyx,
+                                 _Param b, int act, double slope, int stream) noexcept nogil:
+    """cin_small_backward for planes p0.. (parameters as _pparam reads them)."""
     if floating is float:
-        cin_small_backward_f(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
-                             w.shape[0], use_input_stats, sdy, sdyx, bp, b.shape[0], act,
-                             <float>slope, stream)
+        cin_small_backward_f(dy, x, dx, n, L, p0, m.p, m.n, r.p, r.n, w.p, w.n,
+                             use_input_stats, sdy, sdyx, b.p, b.n, act, <float>slope, stream)
     else:
-        cin_small_backward_d(dy, x, dx, n, L, p0, mp, m.shape[0], rp, r.shape[0], wp,
-                             w.shape[0], use_input_stats, sdy, sdyx, bp, b.shape[0], act, slope,
-                             stream)
+        cin_small_backward_d(dy, x, dx, n, L, p0, m.p, m.n, r.p, r.n, w.p, w.n,
+                             use_input_stats, sdy, sdyx, b.p, b.n, act, slope, stream)
 
 
 cdef inline void _normalize(const floating *x, floating *y, Py_ssize_t n, double mean,
@@ -337,80 +358,84 @@ cdef inline const floating *_rows(const floating *base, Py_ssize_t p, Py_ssize_t
 
 # ---- drivers ------------------------------------------------------------------------------
 
-cdef int _forward_train_impl(const floating[:, ::1] x,     # IN  (P, L)
-                             floating[:, ::1] y,           # OUT (P, L), may be x itself
-                             const double[::1] weight,     # IN  (P,), (C,) or empty: scale
-                             const double[::1] bias,       # IN  (P,), (C,) or empty: shift
-                             double eps,
-                             double[::1] mean,             # OUT (P,)
-                             double[::1] var,              # OUT (P,) biased variance
-                             double[::1] rstd,             # OUT (P,) 1/sqrt(var + eps)
-                             int n_threads,
-                             const floating[:, ::1] residual,  # IN (P, L) or None; may be y
-                             int act, double slope) except -1:
+cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
+                         floating *y,           # OUT (P, L), may be x itself
+                         Py_ssize_t P, Py_ssize_t L,
+                         _Param weight,         # IN  (P,), (C,) or none: scale
+                         _Param bias,           # IN  (P,), (C,) or none: shift
+                         double eps,
+                         double *mean,          # OUT (P,)
+                         double *var,           # OUT (P,) biased variance
+                         double *rstd,          # OUT (P,) 1/sqrt(var + eps)
+                         int n_threads,
+                         const floating *rp,    # IN  (P, L) residual or NULL; may be y
+                         int act, double slope) except -1:
     """Instance statistics of every plane, then y = act(normalized) + residual."""
-    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
-    cdef const floating *rp = NULL if residual is None else &residual[0, 0]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L
-    cdef double[::1] cmean, cm2
-    cdef const double *wp = &weight[0] if weight.shape[0] else NULL
-    cdef const double *bp = &bias[0] if bias.shape[0] else NULL
+    cdef double *cmean
+    cdef double *cm2
+    global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region (about a microsecond)
-            global _threads_used
             _threads_used = 1
             with nogil:
                 for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
                     p = i * CIN_SMALL_BATCH
-                    _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
-                                   weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
-                                   &rstd[p], _rows(rp, p, L), act, slope, stream)
+                    _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
+                                   weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
+                                   rstd + p, _rows(rp, p, L), act, slope, stream)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
                 p = i * CIN_SMALL_BATCH
-                _small_forward(&x[p, 0], &y[p, 0], min(CIN_SMALL_BATCH, P - p), L, p, wp,
-                               weight.shape[0], bp, bias.shape[0], eps, &mean[p], &var[p],
-                               &rstd[p], _rows(rp, p, L), act, slope, stream)
+                _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
+                               weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
+                               rstd + p, _rows(rp, p, L), act, slope, stream)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for p in prange(P, schedule='static'):
-                _stats(&x[p, 0], L, &mean[p], &var[p])
+                _stats(x + p * L, L, &mean[p], &var[p])
                 var[p] = var[p] * inv_l
                 rstd[p] = 1.0 / sqrt(var[p] + eps)
-                _normalize(&x[p, 0], &y[p, 0], L, mean[p], rstd[p], _param(weight, p, 1.0),
-                           _param(bias, p, 0.0), stream, _rows(rp, p, L), act, slope)
+                _normalize(x + p * L, y + p * L, L, mean[p], rstd[p], _pparam(weight, p, 1.0),
+                           _pparam(bias, p, 0.0), stream, _rows(rp, p, L), act, slope)
         return 0
-    cmean = np.empty(P * k, dtype=np.float64)
-    cm2 = np.empty(P * k, dtype=np.float64)
-    with nogil, parallel(num_threads=n_threads):
-        _record_team_size()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _stats(&x[p, lo], hi - lo, &cmean[i], &cm2[i])
-        cin_barrier()
-        for p in prange(P, schedule='static'):
-            _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
-            var[p] = var[p] * inv_l
-            rstd[p] = 1.0 / sqrt(var[p] + eps)
-        cin_barrier()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _normalize(&x[p, lo], &y[p, lo], hi - lo, mean[p], rstd[p], _param(weight, p, 1.0),
-                       _param(bias, p, 0.0), stream, _at(rp, p * L + lo), act, slope)
+    cmean = <double *>malloc(2 * P * k * sizeof(double))
+    if cmean == NULL:
+        raise MemoryError()
+    cm2 = cmean + P * k
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _stats(x + p * L + lo, hi - lo, &cmean[i], &cm2[i])
+            cin_barrier()
+            for p in prange(P, schedule='static'):
+                _merge_chunks(L, k, &cmean[p * k], &cm2[p * k], &mean[p], &var[p])
+                var[p] = var[p] * inv_l
+                rstd[p] = 1.0 / sqrt(var[p] + eps)
+            cin_barrier()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _normalize(x + p * L + lo, y + p * L + lo, hi - lo, mean[p], rstd[p],
+                           _pparam(weight, p, 1.0), _pparam(bias, p, 0.0), stream,
+                           _at(rp, p * L + lo), act, slope)
+    finally:
+        free(cmean)
     return 0
 
 
@@ -443,94 +468,100 @@ cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
     return 0
 
 
-cdef int _backward_impl(const floating[:, ::1] dy,         # IN  (P, L)
-                        const floating[:, ::1] x,          # IN  (P, L)
-                        const double[::1] mean,            # IN  (P,) saved or running mean
-                        const double[::1] rstd,            # IN  (P,) saved or running 1/sqrt(var + eps)
-                        const double[::1] weight,          # IN  (P,), (C,) or empty: scale
-                        floating[:, ::1] dx,               # OUT (P, L)
-                        double[::1] sum_dy,                # OUT (P,) sum(dy)
-                        double[::1] sum_dy_xhat,           # OUT (P,) sum(dy * (x - mean) * rstd)
-                        bint use_input_stats,
-                        int n_threads,
-                        const double[::1] bias,            # IN  (P,), (C,) or empty: the
-                                                           #     forward's shift (activations)
-                        int act, double slope) except -1:
+cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
+                          const floating *x,    # IN  (P, L)
+                          Py_ssize_t P, Py_ssize_t L,
+                          _Param mean,          # IN  (P,) or (C,) saved or running mean
+                          _Param rstd,          # IN  saved or running 1/sqrt(var + eps)
+                          _Param weight,        # IN  (P,), (C,) or none: scale
+                          floating *dx,         # OUT (P, L), may be dy or x itself
+                          double *sum_dy,       # OUT (P,) sum(dy)
+                          double *sum_dy_xhat,  # OUT (P,) sum(dy * (x - mean) * rstd)
+                          bint use_input_stats,
+                          int n_threads,
+                          _Param bias,          # IN  (P,), (C,) or none: the forward's shift
+                                                #     (read only with an activation)
+                          int act, double slope) except -1:
     """dx and the per-plane sums that dweight/dbias reduce from, through the activation `act`
     (the gradient g = dy * act'(t) takes dy's place, t recomputed from x)."""
-    cdef Py_ssize_t P = x.shape[0], L = x.shape[1]
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
     cdef Py_ssize_t p, i, j, lo, hi
     cdef double inv_l = 1.0 / <double>L, sg, sc
-    cdef double[::1] cg, cc
+    cdef double *cg
+    cdef double *cc
+    global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region
-            global _threads_used
             _threads_used = 1
             with nogil:
                 for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
                     p = i * CIN_SMALL_BATCH
-                    _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p),
-                                    L, p, mean, rstd, weight, use_input_stats, &sum_dy[p],
-                                    &sum_dy_xhat[p], bias, act, slope, stream)
+                    _small_backward(dy + p * L, x + p * L, dx + p * L,
+                                    min(CIN_SMALL_BATCH, P - p), L, p, mean, rstd, weight,
+                                    use_input_stats, sum_dy + p, sum_dy_xhat + p, bias, act, slope, stream)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
                 p = i * CIN_SMALL_BATCH
-                _small_backward(&dy[p, 0], &x[p, 0], &dx[p, 0], min(CIN_SMALL_BATCH, P - p), L,
-                                p, mean, rstd, weight, use_input_stats, &sum_dy[p],
-                                &sum_dy_xhat[p], bias, act, slope, stream)
+                _small_backward(dy + p * L, x + p * L, dx + p * L, min(CIN_SMALL_BATCH, P - p),
+                                L, p, mean, rstd, weight, use_input_stats, sum_dy + p,
+                                sum_dy_xhat + p, bias, act, slope, stream)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for p in prange(P, schedule='static'):
-                _bwd_sums(&dy[p, 0], &x[p, 0], L, _param(mean, p, 0.0), &sum_dy[p],
-                          &sum_dy_xhat[p], act, _param(rstd, p, 1.0), _param(weight, p, 1.0),
-                          _param(bias, p, 0.0), slope)
-                _bwd_dx(&dy[p, 0], &x[p, 0], &dx[p, 0], L, _param(mean, p, 0.0),
-                        _param(rstd, p, 1.0), _param(weight, p, 1.0),
+                _bwd_sums(dy + p * L, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
+                          &sum_dy_xhat[p], act, _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                          _pparam(bias, p, 0.0), slope)
+                _bwd_dx(dy + p * L, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
+                        _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
                         sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
-                        _param(bias, p, 0.0), slope)
-                sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
+                        _pparam(bias, p, 0.0), slope)
+                sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
         return 0
-    cg = np.empty(P * k, dtype=np.float64)
-    cc = np.empty(P * k, dtype=np.float64)
-    with nogil, parallel(num_threads=n_threads):
-        _record_team_size()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _bwd_sums(&dy[p, lo], &x[p, lo], hi - lo, _param(mean, p, 0.0), &cg[i], &cc[i],
-                      act, _param(rstd, p, 1.0), _param(weight, p, 1.0), _param(bias, p, 0.0),
-                      slope)
-        cin_barrier()
-        for p in prange(P, schedule='static'):
-            sg = 0.0
-            sc = 0.0
-            for j in range(k):
-                sg = sg + cg[p * k + j]
-                sc = sc + cc[p * k + j]
-            sum_dy[p] = sg
-            sum_dy_xhat[p] = sc
-        cin_barrier()
-        for i in prange(P * k, schedule='static'):
-            p = i // k
-            j = i % k
-            lo = _chunk_start(L, k, j)
-            hi = _chunk_start(L, k, j + 1)
-            _bwd_dx(&dy[p, lo], &x[p, lo], &dx[p, lo], hi - lo, _param(mean, p, 0.0),
-                    _param(rstd, p, 1.0), _param(weight, p, 1.0),
-                    sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
-                    _param(bias, p, 0.0), slope)
-        cin_barrier()
-        for p in prange(P, schedule='static'):
-            sum_dy_xhat[p] = sum_dy_xhat[p] * _param(rstd, p, 1.0)
+    cg = <double *>malloc(2 * P * k * sizeof(double))
+    if cg == NULL:
+        raise MemoryError()
+    cc = cg + P * k
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _bwd_sums(dy + p * L + lo, x + p * L + lo, hi - lo, _pparam(mean, p, 0.0),
+                          &cg[i], &cc[i], act, _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                          _pparam(bias, p, 0.0), slope)
+            cin_barrier()
+            for p in prange(P, schedule='static'):
+                sg = 0.0
+                sc = 0.0
+                for j in range(k):
+                    sg = sg + cg[p * k + j]
+                    sc = sc + cc[p * k + j]
+                sum_dy[p] = sg
+                sum_dy_xhat[p] = sc
+            cin_barrier()
+            for i in prange(P * k, schedule='static'):
+                p = i // k
+                j = i % k
+                lo = _chunk_start(L, k, j)
+                hi = _chunk_start(L, k, j + 1)
+                _bwd_dx(dy + p * L + lo, x + p * L + lo, dx + p * L + lo, hi - lo,
+                        _pparam(mean, p, 0.0), _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
+                        _pparam(bias, p, 0.0), slope)
+            cin_barrier()
+            for p in prange(P, schedule='static'):
+                sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
+    finally:
+        free(cg)
     return 0
 
 cdef int _plane_stats_impl(const floating[:, ::1] x,  # IN  (P, L)
@@ -1248,12 +1279,33 @@ def forward_train(x, y, weight, bias, double eps, stats, int n_threads, residual
     residual, x's shape and dtype, or None) are C-contiguous float32 or float64; act is an
     activation code (cinstnorm_kernels.h), slope LeakyReLU's."""
     cdef double[:, ::1] st = stats  # one buffer for the three (each costs a buffer request)
+    cdef const float[:, ::1] xf
+    cdef float[:, ::1] yf
+    cdef const double[:, ::1] xd
+    cdef double[:, ::1] yd
+    cdef const float[:, ::1] rf
+    cdef const double[:, ::1] rd
+    cdef const float *rpf
+    cdef const double *rpd
+    cdef _Param w = _mv_param(weight), b = _mv_param(bias)
     if x.itemsize == 4:  # float32 (the callers pass float32 or float64)
-        _forward_train_impl[cython.float](x, y, weight, bias, eps, st[0], st[1], st[2],
-                                          n_threads, residual, act, slope)
+        xf = x
+        yf = y
+        rpf = NULL
+        if residual is not None:
+            rf = residual
+            rpf = &rf[0, 0]
+        _forward_planes(&xf[0, 0], &yf[0, 0], xf.shape[0], xf.shape[1], w, b, eps, &st[0, 0],
+                        &st[1, 0], &st[2, 0], n_threads, rpf, act, slope)
     else:
-        _forward_train_impl[cython.double](x, y, weight, bias, eps, st[0], st[1], st[2],
-                                           n_threads, residual, act, slope)
+        xd = x
+        yd = y
+        rpd = NULL
+        if residual is not None:
+            rd = residual
+            rpd = &rd[0, 0]
+        _forward_planes(&xd[0, 0], &yd[0, 0], xd.shape[0], xd.shape[1], w, b, eps, &st[0, 0],
+                        &st[1, 0], &st[2, 0], n_threads, rpd, act, slope)
 
 
 def forward_channels_last(x, y, weight, bias, double eps, mean, var, rstd,
@@ -1302,17 +1354,451 @@ def normalize(x, y, mean, rstd, weight, bias, int n_threads, residual=None, int 
                                        slope)
 
 
-def backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat, bint use_input_stats,
-             int n_threads, bias=_NO_PARAM, int act=0, double slope=0.0):
+def backward(dy, x, mean, rstd, weight, dx, double[::1] sum_dy, double[::1] sum_dy_xhat,
+             bint use_input_stats, int n_threads, bias=_NO_PARAM, int act=0, double slope=0.0):
     """dx from dy, x and per-plane statistics; per-plane sum(g) and sum(g * xhat), g = dy or,
     with an activation code act, dy * act'(t) at the forward's t = xhat * weight + bias
     (bias: (P,), (C,) or empty float64, read only with an activation)."""
+    cdef const float[:, ::1] gf, xf
+    cdef float[:, ::1] df
+    cdef const double[:, ::1] gd, xd
+    cdef double[:, ::1] dd
+    cdef _Param m = _mv_param(mean), r = _mv_param(rstd), w = _mv_param(weight)
+    cdef _Param b = _mv_param(bias)
     if x.dtype == _F32:
-        _backward_impl[cython.float](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                     use_input_stats, n_threads, bias, act, slope)
+        gf = dy
+        xf = x
+        df = dx
+        _backward_planes(&gf[0, 0], &xf[0, 0], xf.shape[0], xf.shape[1], m, r, w, &df[0, 0],
+                         &sum_dy[0], &sum_dy_xhat[0], use_input_stats, n_threads, b, act,
+                         slope)
     else:
-        _backward_impl[cython.double](dy, x, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
-                                      use_input_stats, n_threads, bias, act, slope)
+        gd = dy
+        xd = x
+        dd = dx
+        _backward_planes(&gd[0, 0], &xd[0, 0], xd.shape[0], xd.shape[1], m, r, w, &dd[0, 0],
+                         &sum_dy[0], &sum_dy_xhat[0], use_input_stats, n_threads, b, act,
+                         slope)
+
+
+# ---- fast paths of the public calls -------------------------------------------------------
+# A call on dense arrays (exact ndarrays, C-contiguous, aligned, native float32/float64) with
+# plain arguments spends most of its time in Python when the input is small: validation,
+# layout, parameter conversion, thread resolution (20 to 40 us against 2 to 10 us of kernel on
+# (1, 64, 16, 16)).  These functions check the common case here, in C, run the same pointer
+# drivers as the full path (so the results are bitwise the same), and return None for anything
+# else: the full Python path then runs, raises its own errors, or handles the unusual layout.
+# Nothing is written before every check has passed.
+
+# set_num_threads(n): n; 0: the OpenMP default; -1: a count outside the fast paths' range
+cdef int _default_threads = 0
+
+cdef enum:
+    # Scratch doubles on the stack (converted parameters, statistics): P = 200 planes or so.
+    _STACK_DOUBLES = 1024
+    _MAX_FAST_THREADS = 4096
+    _DENSE = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    # fast_forward modes: what it returns
+    FAST_Y = 0          # y
+    FAST_Y_STATS = 1    # (y, mean, rstd): (N, C) arrays of x's dtype
+    FAST_Y_PLANES = 2   # (y, stats): float64 (3, P) mean, biased variance, rstd
+
+
+# the modes for Python callers
+FORWARD_Y, FORWARD_Y_STATS, FORWARD_Y_PLANES = FAST_Y, FAST_Y_STATS, FAST_Y_PLANES
+
+
+def set_default_threads(n):
+    """The thread count of calls with n_threads=None (set_num_threads; None: the OpenMP
+    default)."""
+    global _default_threads
+    if n is None:
+        _default_threads = 0
+    else:
+        _default_threads = n if 1 <= n <= _MAX_FAST_THREADS else -1
+
+
+cdef int _fast_threads(object n_threads) except -1:
+    """n_threads of a fast call: None (the default) or a positive int (at most
+    _MAX_FAST_THREADS); 0 for anything else, which the full path resolves or rejects."""
+    cdef int overflow = 0
+    cdef long v
+    if n_threads is None:
+        if _default_threads != 0:
+            return _default_threads if _default_threads > 0 else 0
+        v = omp_get_max_threads()
+        return <int>v if v > 0 else 1
+    if type(n_threads) is not int:
+        return 0
+    v = PyLong_AsLongAndOverflow(n_threads, &overflow)
+    if overflow or v < 1 or v > _MAX_FAST_THREADS:
+        return 0
+    return <int>v
+
+
+cdef inline int _dense_type(object a) noexcept:
+    """NPY_FLOAT or NPY_DOUBLE for an exact ndarray the kernels read in place (C-contiguous,
+    aligned, native byte order); -1 for anything else."""
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return -1
+    arr = <cnp.ndarray>a
+    if (cnp.PyArray_FLAGS(arr) & _DENSE) != _DENSE:
+        return -1
+    t = cnp.PyArray_TYPE(arr)
+    if (t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(arr):
+        return -1
+    return t
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int i, nd = cnp.PyArray_NDIM(a)
+    if cnp.PyArray_NDIM(b) != nd:
+        return False
+    for i in range(nd):
+        if cnp.PyArray_DIM(a, i) != cnp.PyArray_DIM(b, i):
+            return False
+    return True
+
+
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether two dense arrays share memory without being the same memory."""
+    cdef char *pa = cnp.PyArray_BYTES(a)
+    cdef char *pb = cnp.PyArray_BYTES(b)
+    if pa == pb:
+        return cnp.PyArray_NBYTES(a) != cnp.PyArray_NBYTES(b)
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
+
+
+cdef bint _fast_out(object out, cnp.ndarray x, int t, object other) noexcept:
+    """out (not None) can take the kernel's output in place: a dense, writable array of x's
+    shape and dtype that is x's (and other's) memory or shares none of it."""
+    cdef cnp.ndarray o
+    if _dense_type(out) != t:
+        return False
+    o = <cnp.ndarray>out
+    if not _same_shape(o, x) or not cnp.PyArray_ISWRITEABLE(o) or _overlap(o, x):
+        return False
+    return other is None or not _overlap(o, <cnp.ndarray>other)
+
+
+cdef enum:
+    # shapes a parameter may have (_load_param): per channel, per (n, c), per plane flattened
+    _SHAPE_C = 1
+    _SHAPE_NC = 2
+    _SHAPE_P = 4
+
+
+cdef int _load_param(object a, Py_ssize_t N, Py_ssize_t C, int shapes, double *buf,
+                     _Param *out) noexcept:
+    """A dense parameter of one of `shapes` ((C,), (N, C), (N*C,)) as the kernels read it:
+    float64 in place, float32 converted into buf (room for N*C); None: no parameter.
+    Returns 0, or -1 for anything else (the full path takes it)."""
+    cdef cnp.ndarray arr
+    cdef int nd
+    cdef Py_ssize_t n, i
+    cdef const float *f
+    if a is None:
+        out.p = NULL
+        out.n = 0
+        return 0
+    if _dense_type(a) < 0:
+        return -1
+    arr = <cnp.ndarray>a
+    nd = cnp.PyArray_NDIM(arr)
+    if nd == 1 and (shapes & _SHAPE_C) and cnp.PyArray_DIM(arr, 0) == C:
+        n = C
+    elif nd == 1 and (shapes & _SHAPE_P) and cnp.PyArray_DIM(arr, 0) == N * C:
+        n = N * C
+    elif (nd == 2 and (shapes & _SHAPE_NC) and cnp.PyArray_DIM(arr, 0) == N
+          and cnp.PyArray_DIM(arr, 1) == C):
+        n = N * C
+    else:
+        return -1
+    out.n = n
+    if cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE:
+        out.p = <const double *>cnp.PyArray_DATA(arr)
+        return 0
+    f = <const float *>cnp.PyArray_DATA(arr)
+    for i in range(n):
+        buf[i] = <double>f[i]
+    out.p = buf
+    return 0
+
+
+cdef double *_scratch(Py_ssize_t need, double *stack) except NULL:
+    """Room for `need` doubles: `stack` (_STACK_DOUBLES of them) when enough, else malloc'd
+    (the caller frees what is not its stack)."""
+    cdef double *mem
+    if need <= _STACK_DOUBLES:
+        return stack
+    mem = <double *>malloc(need * sizeof(double))
+    if mem == NULL:
+        raise MemoryError()
+    return mem
+
+
+cdef inline Py_ssize_t _spatial(cnp.ndarray x) noexcept:
+    cdef Py_ssize_t L = 1
+    cdef int i
+    for i in range(2, cnp.PyArray_NDIM(x)):
+        L *= cnp.PyArray_DIM(x, i)
+    return L
+
+
+cdef void _to_dtype(const double *s, Py_ssize_t n, int t, void *dst) noexcept nogil:
+    """n doubles into a float32 (t == NPY_FLOAT) or float64 array's data."""
+    cdef Py_ssize_t i
+    cdef float *f = <float *>dst
+    cdef double *d = <double *>dst
+    if t == cnp.NPY_FLOAT:
+        for i in range(n):
+            f[i] = <float>s[i]
+    else:
+        for i in range(n):
+            d[i] = s[i]
+
+
+cdef void _channel_sums(const double *s, Py_ssize_t N, Py_ssize_t C, int t,
+                        void *dst) noexcept nogil:
+    """dst[c] = sum over n of s[n * C + c], added in order of n, in x's dtype."""
+    cdef Py_ssize_t n, c
+    cdef double acc
+    cdef float *f = <float *>dst
+    cdef double *d = <double *>dst
+    for c in range(C):
+        acc = s[c]
+        for n in range(1, N):
+            acc = acc + s[n * C + c]
+        if t == cnp.NPY_FLOAT:
+            f[c] = <float>acc
+        else:
+            d[c] = acc
+
+
+def channel_sums(double[::1] sums, Py_ssize_t N, Py_ssize_t C, dtype, acc=None):
+    """(C,) array of ``dtype`` (float32 or float64): per-plane float64 (N*C,) sums added over
+    n, in order (what the fast backward returns as dweight and dbias), plus ``acc`` (None, or
+    an earlier (C,) gradient to accumulate into, added in float64)."""
+    cdef int t = cnp.NPY_FLOAT if np.dtype(dtype) == _F32 else cnp.NPY_DOUBLE
+    cdef cnp.npy_intp dims[1]
+    cdef Py_ssize_t c
+    cdef double *d
+    cdef const float *fa
+    cdef const double *da
+    if sums.shape[0] != N * C or N < 1:
+        raise ValueError(f"expected {N} * {C} sums, got {sums.shape[0]}")
+    dims[0] = C
+    if acc is not None and (_dense_type(acc) < 0 or cnp.PyArray_NDIM(<cnp.ndarray>acc) != 1
+                            or cnp.PyArray_DIM(<cnp.ndarray>acc, 0) != C):
+        return (acc + channel_sums(sums, N, C, np.float64)).astype(dtype)
+    res = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+    d = <double *>cnp.PyArray_DATA(<cnp.ndarray>res)
+    _channel_sums(&sums[0], N, C, cnp.NPY_DOUBLE, d)
+    if acc is not None:
+        if cnp.PyArray_TYPE(<cnp.ndarray>acc) == cnp.NPY_FLOAT:
+            fa = <const float *>cnp.PyArray_DATA(<cnp.ndarray>acc)
+            for c in range(C):
+                d[c] = <double>fa[c] + d[c]
+        else:
+            da = <const double *>cnp.PyArray_DATA(<cnp.ndarray>acc)
+            for c in range(C):
+                d[c] = da[c] + d[c]
+    if t == cnp.NPY_DOUBLE:
+        return res
+    out = cnp.PyArray_EMPTY(1, dims, t, 0)
+    _to_dtype(d, C, t, cnp.PyArray_DATA(<cnp.ndarray>out))
+    return out
+
+
+cdef object _fast_forward(object x, object weight, object bias, object eps, object n_threads,
+                          object out, int mode, bint per_sample):
+    """fast_forward; per_sample: weight and bias may be (N, C)."""
+    cdef int t = _dense_type(x), nt
+    cdef cnp.ndarray xa
+    cdef Py_ssize_t N, C, L, P, need
+    cdef double e
+    cdef double stack[_STACK_DOUBLES]
+    cdef double *mem
+    cdef double *mean
+    cdef double *var
+    cdef double *rstd
+    cdef _Param w, b
+    cdef int shapes = _SHAPE_C | _SHAPE_NC if per_sample else _SHAPE_C
+    if t < 0:
+        return None
+    xa = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(xa) < 3:
+        return None
+    N = cnp.PyArray_DIM(xa, 0)
+    C = cnp.PyArray_DIM(xa, 1)
+    L = _spatial(xa)
+    P = N * C
+    if P == 0 or L < 2 or type(eps) is not float:
+        return None
+    e = PyFloat_AS_DOUBLE(eps)
+    if not (e >= 0.0 and e < INFINITY):
+        return None
+    nt = _fast_threads(n_threads)
+    if nt == 0 or (out is not None and not _fast_out(out, xa, t, None)):
+        return None
+    need = 5 * P if per_sample else 2 * C + 3 * P
+    mem = _scratch(need, stack)
+    try:
+        if (_load_param(weight, N, C, shapes, mem, &w) < 0
+                or _load_param(bias, N, C, shapes, mem + w.n, &b) < 0):
+            return None
+        mean = mem + w.n + b.n
+        var = mean + P
+        rstd = var + P
+        y = out if out is not None else cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa),
+                                                          cnp.PyArray_DIMS(xa), t, 0)
+        if mode == FAST_Y_PLANES:
+            stats = np.empty((3, P))
+            mean = <double *>cnp.PyArray_DATA(<cnp.ndarray>stats)
+            var = mean + P
+            rstd = var + P
+        if t == cnp.NPY_FLOAT:
+            _forward_planes(<const float *>cnp.PyArray_DATA(xa),
+                            <float *>cnp.PyArray_DATA(<cnp.ndarray>y), P, L, w, b, e, mean,
+                            var, rstd, nt, NULL, 0, 0.0)
+        else:
+            _forward_planes(<const double *>cnp.PyArray_DATA(xa),
+                            <double *>cnp.PyArray_DATA(<cnp.ndarray>y), P, L, w, b, e, mean,
+                            var, rstd, nt, NULL, 0, 0.0)
+        if mode == FAST_Y:
+            return y
+        if mode == FAST_Y_PLANES:
+            return y, stats
+        m_out = _nc_array(N, C, t)
+        r_out = _nc_array(N, C, t)
+        _to_dtype(mean, P, t, cnp.PyArray_DATA(<cnp.ndarray>m_out))
+        _to_dtype(rstd, P, t, cnp.PyArray_DATA(<cnp.ndarray>r_out))
+        return y, m_out, r_out
+    finally:
+        if mem != &stack[0]:
+            free(mem)
+
+
+cdef inline object _nc_array(Py_ssize_t N, Py_ssize_t C, int t):
+    cdef cnp.npy_intp dims[2]
+    dims[0] = N
+    dims[1] = C
+    return cnp.PyArray_EMPTY(2, dims, t, 0)
+
+
+def fast_forward(x, weight, bias, eps, n_threads, out, int mode=FAST_Y_STATS):
+    """instance_norm_forward(x, weight, bias, eps, n_threads=, out=) when every argument is in
+    the common case (dense x with at least 2 spatial elements, weight and bias None or dense
+    (C,) or (N, C), eps a float in [0, inf), n_threads None or positive, out None or a dense
+    writable array of x's shape and dtype, x itself or apart from it); None otherwise.  mode
+    FAST_Y_PLANES returns (y, float64 (3, P) statistics) instead, FAST_Y just y."""
+    return _fast_forward(x, weight, bias, eps, n_threads, out, mode, True)
+
+
+def fast_instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                       eps, n_threads, out):
+    """instance_norm(...) without running statistics when every argument is in the common
+    case (see fast_forward; weight and bias (C,) only, momentum None or a finite float); None
+    otherwise."""
+    if running_mean is not None or running_var is not None or use_input_stats is not True:
+        return None
+    if momentum is not None and (type(momentum) is not float
+                                 or not isfinite(PyFloat_AS_DOUBLE(momentum))):
+        return None
+    return _fast_forward(x, weight, bias, eps, n_threads, out, FAST_Y, False)
+
+
+def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
+                  bint planes=False):
+    """instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats=, n_threads=, out=)
+    when every argument is in the common case (dense dy and x of one shape and dtype, mean,
+    rstd and weight dense (N, C) or (C,) (weight may be None), use_input_stats a bool (True: at
+    least 2 spatial elements), n_threads and out as for fast_forward, out may be dy or x);
+    None otherwise.  planes (the internal call, validated already): mean, rstd and weight
+    may be (P,) too, and it returns (dx, float64 (2, P) sum(dy), sum(dy * xhat)) instead."""
+    cdef int t = _dense_type(x), nt
+    cdef cnp.ndarray xa, ga
+    cdef Py_ssize_t N, C, L, P, need
+    cdef bint use
+    cdef double stack[_STACK_DOUBLES]
+    cdef double *mem
+    cdef double *sdy
+    cdef double *sdyx
+    cdef _Param m, r, w
+    # the public call's (N, C) or (C,) parameters; the modules' saved (P,) statistics too
+    cdef int shapes = _SHAPE_C | _SHAPE_NC | (_SHAPE_P if planes else 0)
+    if t < 0 or _dense_type(dy) != t:
+        return None
+    xa = <cnp.ndarray>x
+    ga = <cnp.ndarray>dy
+    if cnp.PyArray_NDIM(xa) < 3 or not _same_shape(xa, ga):
+        return None
+    if use_input_stats is True:
+        use = True
+    elif use_input_stats is False:
+        use = False
+    else:
+        return None
+    N = cnp.PyArray_DIM(xa, 0)
+    C = cnp.PyArray_DIM(xa, 1)
+    L = _spatial(xa)
+    P = N * C
+    if P == 0 or L < 1 or (use and L < 2):
+        return None
+    nt = _fast_threads(n_threads)
+    if nt == 0 or (out is not None and not _fast_out(out, xa, t, dy)):
+        return None
+    need = 5 * P
+    mem = _scratch(need, stack)
+    try:
+        if (_load_param(mean, N, C, shapes, mem, &m) < 0
+                or _load_param(rstd, N, C, shapes, mem + P, &r) < 0
+                or _load_param(weight, N, C, shapes, mem + 2 * P, &w) < 0):
+            return None
+        sdy = mem + 3 * P
+        sdyx = sdy + P
+        if planes:
+            sums = np.empty((2, P))
+            sdy = <double *>cnp.PyArray_DATA(<cnp.ndarray>sums)
+            sdyx = sdy + P
+        dx = out if out is not None else cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa),
+                                                           cnp.PyArray_DIMS(xa), t, 0)
+        if t == cnp.NPY_FLOAT:
+            _backward_planes(<const float *>cnp.PyArray_DATA(ga),
+                             <const float *>cnp.PyArray_DATA(xa), P, L, m, r, w,
+                             <float *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt,
+                             _NONE_PARAM, 0, 0.0)
+        else:
+            _backward_planes(<const double *>cnp.PyArray_DATA(ga),
+                             <const double *>cnp.PyArray_DATA(xa), P, L, m, r, w,
+                             <double *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt,
+                             _NONE_PARAM, 0, 0.0)
+        if planes:
+            return dx, sums
+        if weight is None:
+            return dx, None, None
+        if w.n == P and cnp.PyArray_NDIM(<cnp.ndarray>weight) == 2:  # per sample: per plane
+            dw = _nc_array(N, C, t)
+            db = _nc_array(N, C, t)
+            _to_dtype(sdyx, P, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
+            _to_dtype(sdy, P, t, cnp.PyArray_DATA(<cnp.ndarray>db))
+            return dx, dw, db
+        dw = _c_array(C, t)
+        db = _c_array(C, t)
+        _channel_sums(sdyx, N, C, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
+        _channel_sums(sdy, N, C, t, cnp.PyArray_DATA(<cnp.ndarray>db))
+        return dx, dw, db
+    finally:
+        if mem != &stack[0]:
+            free(mem)
+
+
+cdef inline object _c_array(Py_ssize_t C, int t):
+    cdef cnp.npy_intp dims[1]
+    dims[0] = C
+    return cnp.PyArray_EMPTY(1, dims, t, 0)
 
 
 # ---- build and runtime facts ----------------------------------------------------------------

@@ -4,12 +4,19 @@ Every public function validates all of its arguments first (``_validation``), th
 compiled kernels (``_cpu``) on (P, L) = (N*C, spatial) views, and only then updates running
 statistics, so a call that raises leaves every argument as it was.
 
+The common case (dense float32/float64 ndarrays, plain scalars) is first offered to a fast path
+in C (``_cpu.fast_forward``, ``fast_instance_norm``, ``fast_backward``): it makes the same
+checks, runs the same kernels and returns the same arrays, in about a microsecond of overhead
+instead of tens; on anything it does not take it returns None before touching anything, and the
+path below runs, with its own errors.
+
 CuPy input runs the same validation, then the CUDA kernels (``_gpu``); every array of such a
 call (parameters, buffers, ``out``, ``dy``) must be on the input's device, and the results
 (statistics and gradients too) are CuPy arrays there.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -146,28 +153,22 @@ def _gpu_deliver(y, out):
     return out
 
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _plain(x, out) -> bool:
-    """x is a non-empty, aligned, C-contiguous float32/float64 ndarray and no out is given: the
-    kernels read it as it is and write a new array (the common case, with less bookkeeping)."""
-    if out is not None or type(x) is not np.ndarray or x.dtype not in _KERNEL_DTYPES:
-        return False
-    flags = x.flags
-    return flags.c_contiguous and flags.aligned and x.size > 0
+def _unfused(activation, negative_slope, residual) -> bool:
+    """No activation, no residual and a valid negative_slope (checked even when unused): the
+    public calls may then take the fast paths in C, which know neither."""
+    return (activation is None and residual is None and type(negative_slope) is float
+            and math.isfinite(negative_slope))
 
 
 def _forward(x, weight, bias, eps: float, n_threads: int, out=None, residual=None,
              act: int = 0, slope: float = 0.0):
     """Normalize with instance statistics, then the activation (code act, see
     _validation.ACTIVATIONS) and the residual; returns y and float64 (P,) mean, var, rstd."""
-    if _plain(x, out) and residual is None:
-        P = x.shape[0] * x.shape[1]
-        y = np.empty_like(x)
-        stats = np.empty((3, P))
-        _cpu.forward_train(x.reshape(P, -1), y.reshape(P, -1), _flat64(weight), _flat64(bias),
-                           eps, stats, n_threads, None, act, slope)
+    fast = None
+    if not act and residual is None:
+        fast = _cpu.fast_forward(x, weight, bias, eps, n_threads, out, _cpu.FORWARD_Y_PLANES)
+    if fast is not None:  # dense x, weight, bias and out: read and written in place
+        y, stats = fast
         return y, stats[0], stats[1], stats[2]
     if is_gpu_array(x):
         y, mean, var, rstd = _gpu.forward(x, weight, bias, eps, residual=residual, act=act,
@@ -251,14 +252,12 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     """dx and float64 (P,) sums: sum(g) and sum(g * xhat), g = dy, or with an activation
     (code act) dy * act'(xhat * weight + bias); mean_p, rstd_p: (N, C), (P,) or (C,)."""
     bias64 = _flat64(bias) if act else _NONE  # the pre-activation needs the bias
-    if _plain(x, out) and _plain(dy, None) and dy.dtype is x.dtype:
-        P = x.shape[0] * x.shape[1]
-        dx = np.empty_like(x)
-        sum_dy, sum_dy_xhat = np.empty((2, P))
-        _cpu.backward(dy.reshape(P, -1), x.reshape(P, -1), _flat64(mean_p), _flat64(rstd_p),
-                      _flat64(weight), dx.reshape(P, -1), sum_dy, sum_dy_xhat, use_input_stats,
-                      n_threads, bias64, act, slope)
-        return dx, sum_dy, sum_dy_xhat
+    if not act:
+        fast = _cpu.fast_backward(dy, x, mean_p, rstd_p, weight, use_input_stats, n_threads,
+                                  out, True)
+        if fast is not None:  # dense arrays: read and written in place
+            dx, sums = fast
+            return dx, sums[0], sums[1]
     if is_gpu_array(x):
         dx, sum_dy, sum_dy_xhat = _gpu.backward(dy, x, mean_p, rstd_p, weight, use_input_stats,
                                                 bias=bias, act=act, slope=slope)
@@ -292,8 +291,11 @@ def _running_update(running_mean, running_var, mean_p, var_p, shape, factor: flo
     running_var[...] = new_var
 
 
-def _channel_sums(sums_p: np.ndarray, N: int, C: int, dtype) -> np.ndarray:
-    return sums_p.reshape(N, C).sum(axis=0).astype(dtype)
+def _channel_sums(sums_p, N: int, C: int, dtype):
+    """(C,) sums over n of per-plane (N*C,) sums, in order of n (as the fast path adds them)."""
+    if type(sums_p) is np.ndarray and sums_p.size:
+        return _cpu.channel_sums(np.ascontiguousarray(sums_p), N, C, dtype)
+    return sums_p.reshape(N, C).sum(axis=0).astype(dtype)  # CuPy sums, or none (N = 0)
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -350,6 +352,12 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     >>> np.round(y[0, 0, 0], 3)
     array([-1.528, -1.091, -0.655, -0.218], dtype=float32)
     """
+    fast = None
+    if _unfused(activation, negative_slope, residual):
+        fast = _cpu.fast_instance_norm(input, running_mean, running_var, weight, bias,
+                                       use_input_stats, momentum, eps, n_threads, out)
+    if fast is not None:  # the common case, checked in C (see _cpu.fast_forward)
+        return fast
     x = V.as_input(input)
     V.check_batched(x)
     eps = V.check_eps(eps)
@@ -424,6 +432,11 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     >>> bool((y >= x - 1e-6).all())
     True
     """
+    fast = None
+    if _unfused(activation, negative_slope, residual):
+        fast = _cpu.fast_forward(x, weight, bias, eps, n_threads, out)
+    if fast is not None:  # the common case, checked in C
+        return fast
     x = V.as_input(x)
     V.check_batched(x)
     eps = V.check_eps(eps)
@@ -501,6 +514,11 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *,
     >>> bool(np.abs(dx).max() < 1e-12), db.tolist()
     (True, [128.0, 128.0, 128.0])
     """
+    fast = None
+    if bias is None and _unfused(activation, negative_slope, None):
+        fast = _cpu.fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out)
+    if fast is not None:  # the common case, checked in C
+        return fast
     x = V.as_input(x, "x")
     dy = V.as_input(dy, "dy")
     V.check_batched(x, "x")

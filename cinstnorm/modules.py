@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _gpu
+from . import _cpu, _gpu
 from . import _validation as V
 from .functional import _backward, _forward, _forward_fixed, _running_update
 from ._config import resolve_threads
@@ -71,6 +71,15 @@ def _on_device(a, device_id):
     cupy = _gpu.require_cupy()
     with cupy.cuda.Device(device_id):
         return cupy.asarray(a)
+
+
+def _accumulate(grad, sums_p, N: int, C: int, dtype):
+    """grad (None: nothing yet) plus the per-channel sums over n of per-plane sums_p, added in
+    float64, as an array of dtype."""
+    if type(sums_p) is np.ndarray and sums_p.size:
+        return _cpu.channel_sums(np.ascontiguousarray(sums_p), N, C, dtype, grad)
+    g = sums_p.reshape(N, C).sum(axis=0)  # CuPy sums, or none (N = 0)
+    return (g if grad is None else grad + g).astype(dtype)
 
 
 class _InstanceNorm:
@@ -156,8 +165,8 @@ class _InstanceNorm:
         return self.weight is not None or self.bias is not None or self.track_running_stats
 
     def _check_input_device(self, x, what: str = "input") -> None:
-        if not self._has_arrays():
-            return
+        if (type(x) is np.ndarray and self._device_id is None) or not self._has_arrays():
+            return  # host input, host module (the common case first)
         where = V.device_name(x)
         if where != self.device:
             fix = "module.to('cuda')" if where != "cpu" else "module.to('cpu')"
@@ -262,13 +271,9 @@ class _InstanceNorm:
                                             slope=self._slope)
         N, C = xb.shape[:2]
         if self.weight is not None:
-            gw = sum_dy_xhat.reshape(N, C).sum(axis=0)
-            self.weight_grad = (gw if self.weight_grad is None else self.weight_grad + gw
-                                ).astype(self.dtype)
+            self.weight_grad = _accumulate(self.weight_grad, sum_dy_xhat, N, C, self.dtype)
         if self.bias is not None:
-            gb = sum_dy.reshape(N, C).sum(axis=0)
-            self.bias_grad = (gb if self.bias_grad is None else self.bias_grad + gb
-                              ).astype(self.dtype)
+            self.bias_grad = _accumulate(self.bias_grad, sum_dy, N, C, self.dtype)
         return dx[0] if unbatched else dx
 
     # ---- state ------------------------------------------------------------------------------

@@ -22,8 +22,10 @@
 
 #if defined(_MSC_VER)
 #define CIN_RESTRICT __restrict
+#define CIN_ALWAYS_INLINE __forceinline
 #else
 #define CIN_RESTRICT __restrict__
+#define CIN_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)

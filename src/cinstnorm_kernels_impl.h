@@ -84,13 +84,13 @@ static inline CIN_T CIN_FN(cin_act_grad)(CIN_T t, CIN_T dy, int act, CIN_T s)
 
 static inline CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T s)
 {
-    typedef CIN_FN(cin_ivec) I;
+    typedef CIN_FN(cin_ivec) CIN_IV;
     CIN_FN(cin_vec) z = {0};
     if (act == CIN_ACT_NONE) return t;
-    if (act == CIN_ACT_RELU) { I m = t < z; return (CIN_FN(cin_vec))((I)t & ~m); }
+    if (act == CIN_ACT_RELU) { CIN_IV m = t < z; return (CIN_FN(cin_vec))((CIN_IV)t & ~m); }
     if (act == CIN_ACT_LEAKY_RELU) {
-        I m = t < z;
-        return (CIN_FN(cin_vec))(((I)t & ~m) | ((I)(t * s) & m));
+        CIN_IV m = t < z;
+        return (CIN_FN(cin_vec))(((CIN_IV)t & ~m) | ((CIN_IV)(t * s) & m));
     }
     for (int j = 0; j < (int)CIN_VLEN; j++) t[j] = CIN_FN(cin_act)(t[j], act, s);
     return t;
@@ -99,13 +99,13 @@ static inline CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T
 static inline CIN_FN(cin_vec) CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) dy,
                                                   int act, CIN_T s)
 {
-    typedef CIN_FN(cin_ivec) I;
+    typedef CIN_FN(cin_ivec) CIN_IV;
     CIN_FN(cin_vec) z = {0};
     if (act == CIN_ACT_NONE) return dy;
-    if (act == CIN_ACT_RELU) { I m = t > z; return (CIN_FN(cin_vec))((I)dy & m); }
+    if (act == CIN_ACT_RELU) { CIN_IV m = t > z; return (CIN_FN(cin_vec))((CIN_IV)dy & m); }
     if (act == CIN_ACT_LEAKY_RELU) {
-        I m = t > z;
-        return (CIN_FN(cin_vec))(((I)dy & m) | ((I)(dy * s) & ~m));
+        CIN_IV m = t > z;
+        return (CIN_FN(cin_vec))(((CIN_IV)dy & m) | ((CIN_IV)(dy * s) & ~m));
     }
     for (int j = 0; j < (int)CIN_VLEN; j++) dy[j] = CIN_FN(cin_act_grad)(t[j], dy[j], act, s);
     return dy;

@@ -63,6 +63,7 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                               int use_input_stats, double *sdy, double *sdyx, int stream)
     enum: CIN_BLOCK
     enum: CIN_SMALL_BATCH
+    void cin_store_fence()
     void cin_normalize_f(const float *x, float *y, Py_ssize_t n, float k, float alpha,
                          float beta, int stream)
     void cin_normalize_d(const double *x, double *y, Py_ssize_t n, double k, double alpha,
@@ -327,6 +328,8 @@ cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
                     _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
                                    weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
                                    rstd + p, stream)
+                if stream:
+                    cin_store_fence()
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -335,6 +338,8 @@ cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
                 _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
                                weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
                                rstd + p, stream)
+            if stream:  # each thread, after its batches (the batch kernels do not fence)
+                cin_store_fence()
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
@@ -431,6 +436,8 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                     _small_backward(dy + p * L, x + p * L, dx + p * L,
                                     min(CIN_SMALL_BATCH, P - p), L, p, mean, rstd, weight,
                                     use_input_stats, sum_dy + p, sum_dy_xhat + p, stream)
+                if stream:
+                    cin_store_fence()
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -439,6 +446,8 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                 _small_backward(dy + p * L, x + p * L, dx + p * L, min(CIN_SMALL_BATCH, P - p),
                                 L, p, mean, rstd, weight, use_input_stats, sum_dy + p,
                                 sum_dy_xhat + p, stream)
+            if stream:  # each thread, after its batches (the batch kernels do not fence)
+                cin_store_fence()
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):

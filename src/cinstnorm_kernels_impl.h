@@ -109,8 +109,9 @@ static void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
  * x near the mean, which avoids the cancellation of the usual x * alpha + (beta - mean * alpha).
  * x and y may be the same array (in place).  stream: non-temporal stores for y (outputs
  * larger than the last-level cache), which skip the read-for-ownership of y's lines. */
-static CIN_ALWAYS_INLINE void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
-                                  CIN_T k, CIN_T alpha, CIN_T beta, int stream)
+static CIN_ALWAYS_INLINE void CIN_FN(cin_normalize_nf)(const CIN_T *x, CIN_T *y, ptrdiff_t n,
+                                                       CIN_T k, CIN_T alpha, CIN_T beta,
+                                                       int stream)
 {
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
@@ -123,7 +124,6 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, pt
             v = (v - k) * alpha + beta;
             CIN_STREAM(y + i, v);
         }
-        cin_store_fence();
     }
 #else
     (void)stream;
@@ -132,12 +132,21 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, pt
     for (ptrdiff_t j = i; j < n; j++) y[j] = (x[j] - k) * alpha + beta;
 }
 
+/* cin_normalize_nf, then a store fence after streaming stores. */
+static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, ptrdiff_t n, CIN_T k, CIN_T alpha,
+                                  CIN_T beta, int stream)
+{
+    CIN_FN(cin_normalize_nf)(x, y, n, k, alpha, beta, stream);
+    if (stream) cin_store_fence();
+}
+
 /* Instance-statistics forward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK
  * elements (plane j at x + j * L, parameter index p0 + j: weight[(p0 + j) % w_n], 1 when w_n is
  * 0; bias likewise, 0): mean, biased var and rstd in double, then y.  The same arithmetic as
  * cin_chunk_stats followed by cin_normalize, plane by plane, but the per-plane scalar steps
  * (divisions, square root) run across the batch, in vectors, instead of as one long dependency
- * chain per plane: small planes are otherwise latency bound. */
+ * chain per plane: small planes are otherwise latency bound.  With stream, the caller fences
+ * after its last batch (a fence per batch of small planes doubled the time of (64, 256, 8, 8)). */
 static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
                                       ptrdiff_t p0, const double *w, ptrdiff_t w_n,
                                       const double *b, ptrdiff_t b_n, double eps, double *mean,
@@ -178,7 +187,8 @@ static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptr
         be[j] = bv[j] - (mu - (double)kk[j]) * al[j];
     }
     for (ptrdiff_t j = 0; j < n; j++)
-        CIN_FN(cin_normalize)(x + j * L, y + j * L, L, kk[j], (CIN_T)al[j], (CIN_T)be[j], stream);
+        CIN_FN(cin_normalize_nf)(x + j * L, y + j * L, L, kk[j], (CIN_T)al[j], (CIN_T)be[j],
+                                 stream);
 }
 
 /* Backward sums over n elements: *sdy = sum(dy), *sdyx = sum(dy * (x - k)), accumulated in
@@ -211,8 +221,9 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_sums)(const CIN_T *CIN_RESTRIC
 
 /* dx = a * dy + b * (x - k) + c  (the input-statistics gradient, rearranged per plane).
  * dx may be dy itself. */
-static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
-                                    CIN_T k, CIN_T a, CIN_T b, CIN_T c, int stream)
+static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_dx_nf)(const CIN_T *dy, const CIN_T *x,
+                                                         CIN_T *dx, ptrdiff_t n, CIN_T k,
+                                                         CIN_T a, CIN_T b, CIN_T c, int stream)
 {
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
@@ -226,7 +237,6 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN
             v = a * g + b * (v - k) + c;
             CIN_STREAM(dx + i, v);
         }
-        cin_store_fence();
     }
 #else
     (void)stream;
@@ -235,8 +245,16 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN
     for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j] + b * (x[j] - k) + c;
 }
 
+static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                                    CIN_T k, CIN_T a, CIN_T b, CIN_T c, int stream)
+{
+    CIN_FN(cin_backward_dx_nf)(dy, x, dx, n, k, a, b, c, stream);
+    if (stream) cin_store_fence();
+}
+
 /* dx = a * dy  (fixed running statistics: no gradient through the statistics). */
-static CIN_ALWAYS_INLINE void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, int stream)
+static CIN_ALWAYS_INLINE void CIN_FN(cin_scale_nf)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n,
+                                                   CIN_T a, int stream)
 {
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
@@ -248,7 +266,6 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrd
             g = a * g;
             CIN_STREAM(dx + i, g);
         }
-        cin_store_fence();
     }
 #else
     (void)stream;
@@ -257,12 +274,19 @@ static CIN_ALWAYS_INLINE void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrd
     for (ptrdiff_t j = i; j < n; j++) dx[j] = a * dy[j];
 }
 
+static void CIN_FN(cin_scale)(const CIN_T *dy, CIN_T *dx, ptrdiff_t n, CIN_T a, int stream)
+{
+    CIN_FN(cin_scale_nf)(dy, dx, n, a, stream);
+    if (stream) cin_store_fence();
+}
+
 /* Backward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK elements (plane j at
  * dy/x/dx + j * L, parameter index p0 + j: mean[(p0 + j) % m_n] (0 when m_n is 0), rstd
  * (1), weight (1) likewise): per-plane sums(dy) and sum(dy * xhat), then dx.  The arithmetic
  * of cin_backward_sums and cin_backward_dx / cin_scale, plane by plane, but (as in
  * cin_small_forward) the per-plane scalar steps between the two passes run across the batch,
- * in vectors, instead of as a dependency chain in front of each plane's dx. */
+ * in vectors, instead of as a dependency chain in front of each plane's dx.  With stream, the
+ * caller fences after its last batch, as for cin_small_forward. */
 static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
                                        ptrdiff_t L, ptrdiff_t p0, const double *mean,
                                        ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
@@ -300,10 +324,10 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
     }
     for (ptrdiff_t j = 0; j < n; j++) {
         if (!use_input_stats)
-            CIN_FN(cin_scale)(dy + j * L, dx + j * L, L, ca[j], stream);
+            CIN_FN(cin_scale_nf)(dy + j * L, dx + j * L, L, ca[j], stream);
         else
-            CIN_FN(cin_backward_dx)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j], cb[j],
-                                    cc[j], stream);
+            CIN_FN(cin_backward_dx_nf)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j], cb[j],
+                                       cc[j], stream);
     }
 }
 

@@ -64,7 +64,7 @@ def config() -> dict:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "simd_path": _cpu.simd_path(),
         "simd_supported": ", ".join(_cpu.simd_supported()),
-        "stream_stores_above_bytes": _cpu.stream_min_bytes(),
+        "stream_stores_above_bytes_moved": _cpu.stream_min_bytes(),
         "l2_bytes": _cpu.l2_bytes(),
         "compiler_flags": _cpu.build_flags(),
         "bounds_checking": _cpu.bounds_checking(),

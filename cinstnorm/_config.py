@@ -66,8 +66,9 @@ def configure_kernels_from_env() -> None:
     """Apply CINSTNORM_SIMD (auto|baseline|avx2|avx512) and CINSTNORM_STREAM_MIN_BYTES, and
     tell the kernels the L2 size (which sizes the channels-last sample groups).
 
-    Streaming (non-temporal) stores are used for outputs larger than the last-level cache by
-    default: below that, the output is better left in cache for whoever reads it next.
+    Streaming (non-temporal) stores are used by calls that move more bytes (inputs and output)
+    than the last-level cache holds, by default: below that, the output is better left in
+    cache for whoever reads it next.
     """
     want = os.environ.get("CINSTNORM_SIMD", "auto").strip().lower() or "auto"
     try:

@@ -437,6 +437,13 @@ def measure_interleaved(fns: dict, repeat: int = 7) -> dict:
     >>> sorted(t), 0 < t["a"].best <= t["a"].median
     (['a', 'b'], True)
     """
+    return {key: Timing(min(s), statistics.median(s))
+            for key, s in interleaved_samples(fns, repeat).items()}
+
+
+def interleaved_samples(fns: dict, repeat: int = 7) -> dict:
+    """The samples behind :func:`measure_interleaved`: ``{name: [seconds per call, one per
+    round]}``, sample i of every function taken in the same round (for paired ratios)."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     numbers = {}
@@ -454,7 +461,7 @@ def measure_interleaved(fns: dict, repeat: int = 7) -> dict:
             for _ in range(number):
                 fn()
             samples[key].append((time.perf_counter() - start) / number)
-    return {key: Timing(min(s), statistics.median(s)) for key, s in samples.items()}
+    return samples
 
 
 def _channels_last_functions(x, dy, weight, bias, threads, torch):

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import time
 
 import numpy as np
 
 import cinstnorm as cin
-from cinstnorm._bench import SHAPES, make_inputs
+from cinstnorm._bench import SHAPES, interleaved_samples, make_inputs
 
 
 def calls(lib, x, dy, w, b, threads):
@@ -55,18 +54,7 @@ def main(argv=None) -> int:
             fns = {}
             for tag, lib in libs.items():
                 fns.update({tag + k: f for k, f in calls(lib, x, dy, w, b, args.threads).items()})
-            t0 = time.perf_counter()
-            fns["fwd"]()
-            number = max(1, int(0.01 / (time.perf_counter() - t0)))
-            samples = {k: [] for k in fns}
-            for f in fns.values():
-                f()
-            for _ in range(args.rounds):
-                for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    for _ in range(number):
-                        f()
-                    samples[k].append((time.perf_counter() - t0) / number)
+            samples = interleaved_samples(fns, args.rounds)
             cells = []
             for tag in libs:
                 for op in ("fwd", "bwd"):

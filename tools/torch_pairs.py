@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import cinstnorm as cin
-from cinstnorm._bench import SHAPES, make_inputs, torch_closures
+from cinstnorm._bench import SHAPES, interleaved_samples, make_inputs, torch_closures
 
 
 def main(argv=None) -> int:
@@ -45,18 +44,7 @@ def main(argv=None) -> int:
                    "tb": t["torch_backward"], "cfb": cin_fb, "tfb": t["torch_forward_backward"],
                    "cf": lambda: cin.instance_norm_forward(x, w, b, n_threads=nt),
                    "tf": t["torch_forward"]}
-            t0 = time.perf_counter()
-            fns["cb"]()
-            number = max(1, int(0.01 / (time.perf_counter() - t0)))
-            s = {k: [] for k in fns}
-            for f in fns.values():
-                f()
-            for _ in range(args.rounds):
-                for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    for _ in range(number):
-                        f()
-                    s[k].append((time.perf_counter() - t0) / number)
+            s = interleaved_samples(fns, args.rounds)
 
             def ratio(a, c):
                 return statistics.median(p / q for p, q in zip(s[a], s[c]))

@@ -406,7 +406,10 @@ def test_module_gradients_accumulate(rng):
     m.backward(dy)
     _, mean, rstd = cin.instance_norm_forward(x, m.weight, m.bias)
     _, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, m.weight)
-    assert np.array_equal(first[0], dw) and np.array_equal(first[1], db)
+    # the module backs up from its float64 statistics, the functional call from the float32
+    # mean and rstd it returned: equal to float32 rounding (bitwise only by luck, e.g. at -O3)
+    np.testing.assert_allclose(first[0], dw, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(first[1], db, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m.weight_grad, 2 * first[0], rtol=1e-6)
     np.testing.assert_allclose(m.bias_grad, 2 * first[1], rtol=1e-6, atol=1e-6)
     assert m.weight_grad.dtype == m.bias_grad.dtype == np.float32

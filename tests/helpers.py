@@ -65,6 +65,24 @@ def assert_sums_close(actual, expected, terms_abs_sum, dtype=None, err_msg=""):
     assert np.all(diff <= bound), (err_msg, diff, bound)
 
 
+# Central differences (float64): the step of fd_grad.
+H = 1e-6
+
+
+def fd_grad(loss, a):
+    """Central-difference gradient of loss() with respect to the array ``a`` (changed in place)."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + H
+        fp = loss()
+        a[i] = old - H
+        fm = loss()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * H)
+    return g
+
+
 class Snapshot:
     """Copies of some arrays (None allowed), to check later that nothing modified them."""
 

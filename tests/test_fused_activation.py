@@ -10,7 +10,7 @@ import cinstnorm as cin
 from cinstnorm import _cpu
 
 import reference as ref
-from helpers import Snapshot, assert_close, layouts, make_affine, make_x
+from helpers import Snapshot, assert_close, fd_grad, layouts, make_affine, make_x
 from test_kernel_paths import simd, streaming  # noqa: F401  (fixtures)
 from test_state_on_failure import assert_same_state, module_state
 
@@ -187,20 +187,6 @@ def test_relu_kink_and_non_finite():
 
 # ---- finite differences (float64) ----------------------------------------------------------
 
-H = 1e-6
-
-
-def _fd(loss, a):
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + H
-        fp = loss()
-        a[i] = old - H
-        fm = loss()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
 
 
 @pytest.mark.parametrize("use_input_stats", [True, False])
@@ -234,12 +220,12 @@ def test_gradcheck(rng, shape, act, use_input_stats):
     dx, dw, db = cin.instance_norm_backward(g, x, mean, rstd, w, b, activation=act,
                                             negative_slope=SLOPE,
                                             use_input_stats=use_input_stats)
-    fd_x = _fd(loss, x)
+    fd_x = fd_grad(loss, x)
     ok = ~near_kink if not use_input_stats else np.ones_like(near_kink)
     np.testing.assert_allclose(dx[ok], fd_x[ok], rtol=1e-6, atol=1e-7)
     if not near_kink.any():
-        np.testing.assert_allclose(dw, _fd(loss, w), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(db, _fd(loss, b), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dw, fd_grad(loss, w), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(db, fd_grad(loss, b), rtol=1e-6, atol=1e-7)
 
 
 # ---- torch parity (float64) ------------------------------------------------------------------

@@ -10,24 +10,9 @@ from threadpoolctl import threadpool_limits
 
 import cinstnorm as cin
 import reference as ref
-from helpers import make_affine, make_x
+from helpers import fd_grad, make_affine, make_x
 
-H = 1e-6
 FD_TOL = dict(rtol=1e-6, atol=1e-7)
-
-
-def fd_grad(loss, a):
-    """Central-difference gradient of loss() with respect to the array ``a`` (changed in place)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + H
-        fp = loss()
-        a[i] = old - H
-        fm = loss()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
 
 
 SHAPES = [(2, 3, 5), (2, 2, 3, 3), (1, 2, 2, 2, 3)]

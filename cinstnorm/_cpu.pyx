@@ -66,6 +66,7 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                               Py_ssize_t b_n, int act, double slope, int stream)
     enum: CIN_BLOCK
     enum: CIN_SMALL_BATCH
+    void cin_store_fence()
     void cin_normalize_f(const float *x, float *y, const float *r, Py_ssize_t n, float k,
                          float alpha, float beta, int act, float slope, int stream)
     void cin_normalize_d(const double *x, double *y, const double *r, Py_ssize_t n, double k,
@@ -388,6 +389,8 @@ cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
                     _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
                                    weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
                                    rstd + p, _rows(rp, p, L), act, slope, stream)
+                if stream:  # the batch kernels do not fence
+                    cin_store_fence()
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -396,6 +399,8 @@ cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
                 _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
                                weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
                                rstd + p, _rows(rp, p, L), act, slope, stream)
+            if stream:  # each thread, after its batches (the batch kernels do not fence)
+                cin_store_fence()
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
@@ -500,7 +505,10 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                     p = i * CIN_SMALL_BATCH
                     _small_backward(dy + p * L, x + p * L, dx + p * L,
                                     min(CIN_SMALL_BATCH, P - p), L, p, mean, rstd, weight,
-                                    use_input_stats, sum_dy + p, sum_dy_xhat + p, bias, act, slope, stream)
+                                    use_input_stats, sum_dy + p, sum_dy_xhat + p, bias, act,
+                                    slope, stream)
+                if stream:  # the batch kernels do not fence
+                    cin_store_fence()
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -509,6 +517,8 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                 _small_backward(dy + p * L, x + p * L, dx + p * L, min(CIN_SMALL_BATCH, P - p),
                                 L, p, mean, rstd, weight, use_input_stats, sum_dy + p,
                                 sum_dy_xhat + p, bias, act, slope, stream)
+            if stream:  # each thread, after its batches (the batch kernels do not fence)
+                cin_store_fence()
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):

@@ -190,8 +190,9 @@ static void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
  * mean rounded to CIN_T, x - k is exact for x near the mean, which avoids the cancellation of
  * the usual x * alpha + (beta - mean * alpha).  x and y may be the same array (in place), and
  * so may r and y.  stream: non-temporal stores for y (outputs larger than the last-level
- * cache), which skip the read-for-ownership of y's lines.  act, res: constants in each
- * instantiation (cin_normalize below). */
+ * cache), which skip the read-for-ownership of y's lines; the body does not fence, its
+ * callers do (once per call in cin_normalize, once per thread after the small batches).  act,
+ * res: constants in each instantiation (cin_normalize below). */
 static inline __attribute__((always_inline)) void
 CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n, CIN_T k,
                            CIN_T alpha, CIN_T beta, const int act, CIN_T s, const int res,
@@ -212,7 +213,6 @@ CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n
             if (res) v += CIN_FN(cin_load)(r + i);
             CIN_STREAM(y + i, v);
         }
-        cin_store_fence();
     }
 #else
     (void)stream;
@@ -232,6 +232,7 @@ static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrd
 #define CIN_BODY(A, R) CIN_FN(cin_normalize_body)(x, y, r, n, k, alpha, beta, A, s, R, stream)
     CIN_ACT_SWITCH(act, r != NULL)
 #undef CIN_BODY
+    if (stream) cin_store_fence();
 }
 
 /* Instance-statistics forward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK
@@ -239,12 +240,16 @@ static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrd
  * 0; bias likewise, 0): mean, biased var and rstd in double, then y.  The same arithmetic as
  * cin_chunk_stats followed by cin_normalize, plane by plane, but the per-plane scalar steps
  * (divisions, square root) run across the batch, in vectors, instead of as one long dependency
- * chain per plane: small planes are otherwise latency bound. */
-static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
-                                      ptrdiff_t p0, const double *w, ptrdiff_t w_n,
-                                      const double *b, ptrdiff_t b_n, double eps, double *mean,
-                                      double *var, double *rstd, const CIN_T *r, int act,
-                                      CIN_T slope, int stream)
+ * chain per plane: small planes are otherwise latency bound.  The plane loops are inlined (one
+ * instantiation per activation and residual, cin_small_forward below), and with stream the
+ * caller fences once after its last batch (a fence per plane of 64 elements made streaming
+ * stores 2-3x slower than cached ones). */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t p0,
+                               const double *w, ptrdiff_t w_n, const double *b, ptrdiff_t b_n,
+                               double eps, double *mean, double *var, double *rstd,
+                               const CIN_T *r, const int act, CIN_T slope, const int res,
+                               int stream)
 {
     double s[CIN_SMALL_BATCH], q[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH], bv[CIN_SMALL_BATCH];
     double al[CIN_SMALL_BATCH], be[CIN_SMALL_BATCH];
@@ -272,17 +277,29 @@ static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptr
         double m2 = q[j] - s[j] * dm;
         double mu = (double)k[j] + dm;
         double v = (m2 < 0.0 ? 0.0 : m2) * inv_l;
-        double r = 1.0 / sqrt(v + eps);
+        double rr = 1.0 / sqrt(v + eps);
         mean[j] = mu;
         var[j] = v;
-        rstd[j] = r;
+        rstd[j] = rr;
         kk[j] = (CIN_T)mu;
-        al[j] = r * wv[j];
+        al[j] = rr * wv[j];
         be[j] = bv[j] - (mu - (double)kk[j]) * al[j];
     }
     for (ptrdiff_t j = 0; j < n; j++)
-        CIN_FN(cin_normalize)(x + j * L, y + j * L, r ? r + j * L : NULL, L, kk[j], (CIN_T)al[j],
-                              (CIN_T)be[j], act, slope, stream);
+        CIN_FN(cin_normalize_body)(x + j * L, y + j * L, res ? r + j * L : NULL, L, kk[j],
+                                   (CIN_T)al[j], (CIN_T)be[j], act, slope, res, stream);
+}
+
+static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
+                                      ptrdiff_t p0, const double *w, ptrdiff_t w_n,
+                                      const double *b, ptrdiff_t b_n, double eps, double *mean,
+                                      double *var, double *rstd, const CIN_T *r, int act,
+                                      CIN_T slope, int stream)
+{
+#define CIN_BODY(A, R) CIN_FN(cin_small_forward_body)(x, y, n, L, p0, w, w_n, b, b_n, eps, mean, \
+                                                      var, rstd, r, A, slope, R, stream)
+    CIN_ACT_SWITCH(act, r != NULL)
+#undef CIN_BODY
 }
 
 /* Backward sums over n elements: *sdy = sum(g), *sdyx = sum(g * (x - k)), accumulated in
@@ -335,7 +352,7 @@ static void CIN_FN(cin_backward_sums)(const CIN_T *dy, const CIN_T *x, ptrdiff_t
 
 /* dx = a * g + b * (x - k) + c  (the input-statistics gradient, rearranged per plane), or
  * with fixed (running) statistics dx = a * g, which reads x only for an activation's g (g as
- * in cin_backward_sums_body).  dx may be dy itself. */
+ * in cin_backward_sums_body).  dx may be dy itself.  No store fence (as cin_normalize_body). */
 static inline __attribute__((always_inline)) void
 CIN_FN(cin_backward_dx_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n, CIN_T k,
                              CIN_T a, CIN_T b, CIN_T c, CIN_T af, CIN_T bf, const int act,
@@ -357,7 +374,6 @@ CIN_FN(cin_backward_dx_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff
             v = fixed ? a * g : a * g + b * (v - k) + c;
             CIN_STREAM(dx + i, v);
         }
-        cin_store_fence();
     }
 #else
     (void)stream;
@@ -378,6 +394,7 @@ static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, 
                                                     stream)
     CIN_ACT_SWITCH(act, 0)
 #undef CIN_BODY
+    if (stream) cin_store_fence();
 }
 
 /* dx = a * g  (fixed running statistics: no gradient through the statistics); x, k, af, bf
@@ -389,24 +406,30 @@ static void CIN_FN(cin_scale)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdif
                                                     stream)
     CIN_ACT_SWITCH(act, 0)
 #undef CIN_BODY
+    if (stream) cin_store_fence();
 }
 
 /* Backward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK elements (plane j at
  * dy/x/dx + j * L, parameter index p0 + j: mean[(p0 + j) % m_n] (0 when m_n is 0), rstd
  * (1), weight (1), bias (0, read only with an activation) likewise): per-plane sums(g) and
  * sum(g * xhat), then dx.  The arithmetic of cin_backward_sums and cin_backward_dx /
- * cin_scale, plane by plane, with the parameter lookups and coefficient steps done once per
- * batch. */
-static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
-                                       ptrdiff_t L, ptrdiff_t p0, const double *mean,
-                                       ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
-                                       const double *w, ptrdiff_t w_n, int use_input_stats,
-                                       double *sum_dy, double *sum_dy_xhat, const double *bias,
-                                       ptrdiff_t b_n, int act, CIN_T slope, int stream)
+ * cin_scale, plane by plane, with the parameter lookups done once per batch and (as in
+ * cin_small_forward) the per-plane coefficient steps between the two passes run across the
+ * batch, in vectors, instead of as a dependency chain in front of each plane's dx.  The plane
+ * loops are inlined (one instantiation per activation, cin_small_backward below); with stream
+ * the caller fences after its last batch. */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_small_backward_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                                ptrdiff_t L, ptrdiff_t p0, const double *mean, ptrdiff_t m_n,
+                                const double *rstd, ptrdiff_t r_n, const double *w,
+                                ptrdiff_t w_n, int use_input_stats, double *sum_dy,
+                                double *sum_dy_xhat, const double *bias, ptrdiff_t b_n,
+                                const int act, CIN_T slope, int stream)
 {
     double mu[CIN_SMALL_BATCH], rs[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH];
     double sg[CIN_SMALL_BATCH], sc[CIN_SMALL_BATCH];
     CIN_T k[CIN_SMALL_BATCH], af[CIN_SMALL_BATCH], bf[CIN_SMALL_BATCH];
+    CIN_T ca[CIN_SMALL_BATCH], cb[CIN_SMALL_BATCH], cc[CIN_SMALL_BATCH];
     const double inv_l = 1.0 / (double)L;
     ptrdiff_t mi = m_n ? p0 % m_n : 0, ri = r_n ? p0 % r_n : 0, wi = w_n ? p0 % w_n : 0;
     ptrdiff_t bi = b_n ? p0 % b_n : 0;
@@ -426,24 +449,44 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
             bf[j] = (CIN_T)((b_n ? bias[bi] : 0.0) - (mu[j] - (double)k[j]) * al);
             if (b_n && ++bi == b_n) bi = 0;
         }
-        CIN_FN(cin_backward_sums)(dy + j * L, x + j * L, L, k[j], af[j], bf[j], act, slope,
-                                  &sg[j], &sc[j]);
-        sc[j] = sc[j] + ((double)k[j] - mu[j]) * sg[j];   /* centred: sum(g * (x - mean)) */
+    }
+    for (ptrdiff_t j = 0; j < n; j++)
+        CIN_FN(cin_backward_sums_body)(dy + j * L, x + j * L, L, k[j], af[j], bf[j], act, slope,
+                                       &sg[j], &sc[j]);
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double sj = sc[j] + ((double)k[j] - mu[j]) * sg[j];  /* centred: sum(g * (x - mean)) */
+        double a = wv[j] * rs[j];
+        double b = use_input_stats ? -a * rs[j] * rs[j] * sj * inv_l : 0.0;
+        double c = use_input_stats ? -a * sg[j] * inv_l + b * ((double)k[j] - mu[j]) : 0.0;
+        ca[j] = (CIN_T)a;
+        cb[j] = (CIN_T)b;
+        cc[j] = (CIN_T)c;
+        sum_dy[j] = sg[j];
+        sum_dy_xhat[j] = sj * rs[j];
     }
     for (ptrdiff_t j = 0; j < n; j++) {
-        double a = wv[j] * rs[j];
-        if (!use_input_stats) {
-            CIN_FN(cin_scale)(dy + j * L, x + j * L, dx + j * L, L, (CIN_T)a, k[j], af[j], bf[j],
-                              act, slope, stream);
-        } else {
-            double b = -a * rs[j] * rs[j] * sc[j] * inv_l;
-            double c = -a * sg[j] * inv_l + b * ((double)k[j] - mu[j]);
-            CIN_FN(cin_backward_dx)(dy + j * L, x + j * L, dx + j * L, L, k[j], (CIN_T)a,
-                                    (CIN_T)b, (CIN_T)c, af[j], bf[j], act, slope, stream);
-        }
-        sum_dy[j] = sg[j];
-        sum_dy_xhat[j] = sc[j] * rs[j];
+        if (use_input_stats)
+            CIN_FN(cin_backward_dx_body)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j],
+                                         cb[j], cc[j], af[j], bf[j], act, slope, 0, stream);
+        else
+            CIN_FN(cin_backward_dx_body)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j], 0, 0,
+                                         af[j], bf[j], act, slope, 1, stream);
     }
+}
+
+static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                                       ptrdiff_t L, ptrdiff_t p0, const double *mean,
+                                       ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
+                                       const double *w, ptrdiff_t w_n, int use_input_stats,
+                                       double *sum_dy, double *sum_dy_xhat, const double *bias,
+                                       ptrdiff_t b_n, int act, CIN_T slope, int stream)
+{
+#define CIN_BODY(A, R) CIN_FN(cin_small_backward_body)(dy, x, dx, n, L, p0, mean, m_n, rstd, r_n, \
+                                                       w, w_n, use_input_stats, sum_dy,           \
+                                                       sum_dy_xhat, bias, b_n, A, slope, stream)
+    CIN_ACT_SWITCH(act, 0)
+#undef CIN_BODY
 }
 
 /* ---- channels-last: rows of lanes ((N, *spatial, C) memory), vectorised over lanes ------- */

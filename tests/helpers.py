@@ -170,14 +170,19 @@ def machine_state():
                 simd=_cpu.simd_path())
 
 
+def simd_name(path):
+    """The select_simd name of a path as simd_path() reports it ('avx512f' -> 'avx512',
+    'avx2+fma' -> 'avx2', 'baseline (sse2)' -> 'baseline')."""
+    return ("avx512" if path.startswith("avx512") else
+            "avx2" if path.startswith("avx2") else "baseline")
+
+
 def restore_machine(state):
     from cinstnorm import _cpu
     _cpu.set_l2_bytes(state["l2"])
     _cpu.set_llc_bytes(state["llc"])
     _cpu.set_stream_min_bytes(state["stream"])
-    name = state["simd"]
-    _cpu.select_simd("avx512" if name.startswith("avx512") else
-                     "avx2" if name.startswith("avx2") else "baseline")
+    _cpu.select_simd(simd_name(state["simd"]))
 
 
 def pin_machine(name, simd=True):

@@ -9,7 +9,7 @@ import cinstnorm as cin
 from cinstnorm import _cpu
 
 import reference as ref
-from helpers import assert_close, assert_sums_close, make_affine, make_x
+from helpers import assert_close, assert_sums_close, make_affine, make_x, simd_name
 
 # Every path the build compiles; a path this CPU cannot run is reported as a skip (not left out
 # silently): the x86-64 build always compiles all three, dispatched at run time.
@@ -31,7 +31,8 @@ def simd(request):
     before = _cpu.simd_path()
     assert _cpu.select_simd(request.param).startswith(request.param.replace("avx512", "avx512f"))
     yield request.param
-    _cpu.select_simd("auto")
+    # back to the path in use before (CINSTNORM_SIMD may have forced one: not "auto")
+    _cpu.select_simd(simd_name(before))
     assert _cpu.simd_path() == before
 
 

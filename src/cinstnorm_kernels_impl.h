@@ -23,11 +23,34 @@ static inline CIN_FN(cin_vec) CIN_FN(cin_load)(const CIN_T *p)
     return v;
 }
 
+/* Horizontal sum as a tree: halve the vector (upper half onto the lower) down to 16 bytes,
+ * then add those lanes pairwise: log2(lanes) dependent adds, where a lane-by-lane loop is a
+ * chain of one add (and one extract) per lane (64 cycles of latency for 16 floats), which is
+ * what small planes, several sums per plane, wait on. */
+typedef CIN_T CIN_FN(cin_v32) __attribute__((vector_size(32)));
+typedef CIN_T CIN_FN(cin_v16) __attribute__((vector_size(16)));
 static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 {
-    CIN_T t = 0;
-    for (int j = 0; j < (int)CIN_VLEN; j++) t += v[j];
-    return t;
+#if CIN_VEC_BYTES == 64
+    CIN_FN(cin_v32) lo32, hi32;
+    memcpy(&lo32, &v, 32);
+    memcpy(&hi32, (const char *)&v + 32, 32);
+    lo32 += hi32;
+#elif CIN_VEC_BYTES == 32
+    CIN_FN(cin_v32) lo32 = v;
+#endif
+#if CIN_VEC_BYTES >= 32
+    CIN_FN(cin_v16) q, hi16;
+    memcpy(&q, &lo32, 16);
+    memcpy(&hi16, (const char *)&lo32 + 16, 16);
+    q += hi16;
+#elif CIN_VEC_BYTES == 16
+    CIN_FN(cin_v16) q = v;
+#else
+#error "cin_hsum: CIN_VEC_BYTES must be 16, 32 or 64"
+#endif
+    if (sizeof(CIN_T) == 4) return (q[0] + q[2]) + (q[1] + q[3]);
+    return q[0] + q[1];
 }
 
 /* ---- fused activations (codes CIN_ACT_*, see cinstnorm_kernels.h) --------------------------

@@ -441,9 +441,15 @@ def measure_interleaved(fns: dict, repeat: int = 7) -> dict:
             for key, s in interleaved_samples(fns, repeat).items()}
 
 
-def interleaved_samples(fns: dict, repeat: int = 7) -> dict:
+def interleaved_samples(fns: dict, repeat: int = 7,
+                        min_seconds: float = None) -> dict:
     """The samples behind :func:`measure_interleaved`: ``{name: [seconds per call, one per
-    round]}``, sample i of every function taken in the same round (for paired ratios)."""
+    round]}``, sample i of every function taken in the same round (for paired ratios).  A
+    sample lasts at least ``min_seconds`` (default ``MIN_SAMPLE_SECONDS``): its first call
+    finds the caches as the other functions left them, so short samples of millisecond calls
+    weigh that call heavily."""
+    if min_seconds is None:
+        min_seconds = MIN_SAMPLE_SECONDS
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     numbers = {}
@@ -451,7 +457,7 @@ def interleaved_samples(fns: dict, repeat: int = 7) -> dict:
         start = time.perf_counter()
         fn()
         warm = time.perf_counter() - start
-        numbers[key] = max(1, min(10_000, math.ceil(MIN_SAMPLE_SECONDS / max(warm, 1e-9))))
+        numbers[key] = max(1, min(10_000, math.ceil(min_seconds / max(warm, 1e-9))))
     samples: dict[str, list] = {key: [] for key in fns}
     order = list(fns)
     for round_ in range(repeat):

@@ -68,9 +68,11 @@ def test_defaults_when_nothing_is_known(monkeypatch, no_sysconf, tmp_path):
 
 def test_kernels_get_the_cache_sizes(tmp_path, monkeypatch, no_sysconf):
     # what the import does, on a fake machine: the kernels get its L2 and LLC, and streaming
-    # stores start above the LLC size (or CINSTNORM_STREAM_MIN_BYTES)
+    # stores start above the LLC size, or 4 MiB per core where that is less (or
+    # CINSTNORM_STREAM_MIN_BYTES)
     state = machine_state()
     monkeypatch.setattr(_config, "SYSFS_CACHE", _fake_sysfs(tmp_path, INTEL))
+    monkeypatch.setattr(_config, "available_cores", lambda: 128)
     monkeypatch.delenv("CINSTNORM_STREAM_MIN_BYTES", raising=False)
     monkeypatch.delenv("CINSTNORM_SIMD", raising=False)
     try:
@@ -86,8 +88,18 @@ def test_kernels_get_the_cache_sizes(tmp_path, monkeypatch, no_sysconf):
         with pytest.warns(RuntimeWarning, match="not an integer"):
             _config.configure_kernels_from_env()
         assert _cpu.stream_min_bytes() == 300 * 1024 ** 2
+        monkeypatch.delenv("CINSTNORM_STREAM_MIN_BYTES")
+        monkeypatch.setattr(_config, "available_cores", lambda: 2)
+        _config.configure_kernels_from_env()
+        assert (_cpu.llc_bytes(), _cpu.stream_min_bytes()) == (300 * 1024 ** 2, 8 * 1024 ** 2)
     finally:
         restore_machine(state)
+
+
+@pytest.mark.parametrize("llc, cores, want", [(32 << 20, 2, 8 << 20), (32 << 20, 16, 32 << 20),
+                                              (4 << 20, 2, 4 << 20), (32 << 20, 0, 4 << 20)])
+def test_default_stream_threshold(llc, cores, want):
+    assert _config.default_stream_min_bytes(llc, cores) == want
 
 
 def test_cache_setters_clamp_at_zero():

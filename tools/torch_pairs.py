@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                    "tb": t["torch_backward"], "cfb": cin_fb, "tfb": t["torch_forward_backward"],
                    "cf": lambda: cin.instance_norm_forward(x, w, b, n_threads=nt),
                    "tf": t["torch_forward"]}
-            s = interleaved_samples(fns, args.rounds)
+            s = interleaved_samples(fns, args.rounds, min_seconds=10e-3)
 
             def ratio(a, c):
                 return statistics.median(p / q for p, q in zip(s[a], s[c]))

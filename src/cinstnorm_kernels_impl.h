@@ -54,12 +54,17 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 }
 
 /* ---- fused activations (codes CIN_ACT_*, see cinstnorm_kernels.h) --------------------------
- * ReLU and LeakyReLU are selects in registers; SiLU and the GELUs call libm per element (exp,
- * erf, tanh in the element precision: within an ulp or two), lane by lane inside the same
- * loop, so no activation costs an extra pass over memory.  Every kernel that takes an
+ * ReLU and LeakyReLU are selects in registers; SiLU and GELU-tanh use the vector exp of
+ * cin_vmath.h (the scalar forms too, on a broadcast vector, so tails and channels-last rows
+ * give the same bits); GELU (erf) calls libm's erf per element, lane by lane inside the same
+ * loop.  No activation costs an extra pass over memory.  Every kernel that takes an
  * activation code is instantiated per code (CIN_ACT_SWITCH) with the code a constant, so the
  * code-0 instantiation is the loop without an activation. */
 typedef CIN_IT CIN_FN(cin_ivec) __attribute__((vector_size(CIN_VEC_BYTES)));
+#include "cin_vmath.h"
+
+/* f(t) for a vector function f, on lane 0 of a broadcast vector */
+#define CIN_VSCALAR(f, ...) ({ CIN_FN(cin_vec) bz_ = {0}; f(__VA_ARGS__)[0]; })
 
 /* act(t) */
 static inline CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
@@ -67,12 +72,9 @@ static inline CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
     switch (act) {
     case CIN_ACT_RELU: return t < (CIN_T)0 ? (CIN_T)0 : t;   /* keeps NaN */
     case CIN_ACT_LEAKY_RELU: return t < (CIN_T)0 ? t * s : t;
-    case CIN_ACT_SILU: return t / ((CIN_T)1 + CIN_EXP(-t));
+    case CIN_ACT_SILU: return CIN_VSCALAR(CIN_FN(cin_vsilu), bz_ + t);
     case CIN_ACT_GELU: return (CIN_T)0.5 * t * ((CIN_T)1 + CIN_ERF(t * (CIN_T)0.70710678118654752440));
-    case CIN_ACT_GELU_TANH: {
-        CIN_T u = (CIN_T)0.79788456080286535588 * (t + (CIN_T)0.044715 * t * t * t);
-        return (CIN_T)0.5 * t * ((CIN_T)1 + CIN_TANH(u));
-    }
+    case CIN_ACT_GELU_TANH: return CIN_VSCALAR(CIN_FN(cin_vgelu_tanh), bz_ + t);
     default: return t;
     }
 }
@@ -84,23 +86,14 @@ static inline CIN_T CIN_FN(cin_act_grad)(CIN_T t, CIN_T dy, int act, CIN_T s)
     switch (act) {
     case CIN_ACT_RELU: return t > (CIN_T)0 ? dy : (CIN_T)0;
     case CIN_ACT_LEAKY_RELU: return t > (CIN_T)0 ? dy : dy * s;
-    case CIN_ACT_SILU: {
-        CIN_T sg = (CIN_T)1 / ((CIN_T)1 + CIN_EXP(-t));
-        return dy * (sg * ((CIN_T)1 + t * ((CIN_T)1 - sg)));
-    }
+    case CIN_ACT_SILU: return CIN_VSCALAR(CIN_FN(cin_vsilu_grad), bz_ + t, bz_ + dy);
     case CIN_ACT_GELU: {
         CIN_T cdf = (CIN_T)0.5 * ((CIN_T)1 + CIN_ERF(t * (CIN_T)0.70710678118654752440));
         CIN_T pdf = CIN_EXP((CIN_T)-0.5 * t * t) * (CIN_T)0.39894228040143267794;
         return dy * (cdf + t * pdf);
     }
-    case CIN_ACT_GELU_TANH: {   /* torch's GeluBackward, approximate='tanh' */
-        const CIN_T kb = (CIN_T)0.79788456080286535588, kk = (CIN_T)0.044715;
-        CIN_T t2 = t * t, th = CIN_TANH(kb * (t + kk * t2 * t));
-        CIN_T left = (CIN_T)0.5 * t, right = (CIN_T)1 + th;
-        CIN_T dleft = (CIN_T)0.5 * right;
-        CIN_T dright = left * ((CIN_T)1 - th * th) * kb * ((CIN_T)1 + (CIN_T)3 * kk * t2);
-        return dy * (dleft + dright);
-    }
+    case CIN_ACT_GELU_TANH:     /* torch's GeluBackward, approximate='tanh', as t sigmoid(2u) */
+        return CIN_VSCALAR(CIN_FN(cin_vgelu_tanh_grad), bz_ + t, bz_ + dy);
     default: return dy;
     }
 }
@@ -115,6 +108,8 @@ static inline CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T
         CIN_IV m = t < z;
         return (CIN_FN(cin_vec))(((CIN_IV)t & ~m) | ((CIN_IV)(t * s) & m));
     }
+    if (act == CIN_ACT_SILU) return CIN_FN(cin_vsilu)(t);
+    if (act == CIN_ACT_GELU_TANH) return CIN_FN(cin_vgelu_tanh)(t);
     for (int j = 0; j < (int)CIN_VLEN; j++) t[j] = CIN_FN(cin_act)(t[j], act, s);
     return t;
 }
@@ -130,6 +125,8 @@ static inline CIN_FN(cin_vec) CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(ci
         CIN_IV m = t > z;
         return (CIN_FN(cin_vec))(((CIN_IV)dy & m) | ((CIN_IV)(dy * s) & ~m));
     }
+    if (act == CIN_ACT_SILU) return CIN_FN(cin_vsilu_grad)(t, dy);
+    if (act == CIN_ACT_GELU_TANH) return CIN_FN(cin_vgelu_tanh_grad)(t, dy);
     for (int j = 0; j < (int)CIN_VLEN; j++) dy[j] = CIN_FN(cin_act_grad)(t[j], dy[j], act, s);
     return dy;
 }
@@ -240,6 +237,15 @@ CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n
 #else
     (void)stream;
 #endif
+    /* SiLU and the GELUs in explicit vectors (the loop below vectorizes the selects of ReLU
+     * and LeakyReLU by itself, not the vector exp) */
+    if (act >= CIN_ACT_SILU)
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+            CIN_FN(cin_vec) v = CIN_FN(cin_load)(x + i);
+            v = CIN_FN(cin_vact)((v - k) * alpha + beta, act, s);
+            if (res) v += CIN_FN(cin_load)(r + i);
+            memcpy(y + i, &v, sizeof v);
+        }
 #pragma omp simd
     for (ptrdiff_t j = i; j < n; j++) {
         CIN_T v = CIN_FN(cin_act)((x[j] - k) * alpha + beta, act, s);
@@ -401,6 +407,13 @@ CIN_FN(cin_backward_dx_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff
 #else
     (void)stream;
 #endif
+    if (act >= CIN_ACT_SILU)    /* as in cin_normalize_body */
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
+            CIN_FN(cin_vec) g = CIN_FN(cin_load)(dy + i), v = CIN_FN(cin_load)(x + i);
+            g = CIN_FN(cin_vact_grad)((v - k) * af + bf, g, act, s);
+            v = fixed ? a * g : a * g + b * (v - k) + c;
+            memcpy(dx + i, &v, sizeof v);
+        }
 #pragma omp simd
     for (ptrdiff_t j = i; j < n; j++) {
         CIN_T g = dy[j];

@@ -54,12 +54,11 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 }
 
 /* ---- fused activations (codes CIN_ACT_*, see cinstnorm_kernels.h) --------------------------
- * ReLU and LeakyReLU are selects in registers; SiLU and GELU-tanh use the vector exp of
- * cin_vmath.h (the scalar forms too, on a broadcast vector, so tails and channels-last rows
- * give the same bits); GELU (erf) calls libm's erf per element, lane by lane inside the same
- * loop.  No activation costs an extra pass over memory.  Every kernel that takes an
- * activation code is instantiated per code (CIN_ACT_SWITCH) with the code a constant, so the
- * code-0 instantiation is the loop without an activation. */
+ * ReLU and LeakyReLU are selects in registers; SiLU, GELU and GELU-tanh use the vector exp
+ * and normal CDF of cin_vmath.h (the scalar forms too, on a broadcast vector, so tails and
+ * channels-last rows give the same bits).  No activation costs an extra pass over memory.
+ * Every kernel that takes an activation code is instantiated per code (CIN_ACT_SWITCH) with
+ * the code a constant, so the code-0 instantiation is the loop without an activation. */
 typedef CIN_IT CIN_FN(cin_ivec) __attribute__((vector_size(CIN_VEC_BYTES)));
 #include "cin_vmath.h"
 
@@ -67,13 +66,13 @@ typedef CIN_IT CIN_FN(cin_ivec) __attribute__((vector_size(CIN_VEC_BYTES)));
 #define CIN_VSCALAR(f, ...) ({ CIN_FN(cin_vec) bz_ = {0}; f(__VA_ARGS__)[0]; })
 
 /* act(t) */
-static inline CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
+static CIN_ALWAYS_INLINE CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
 {
     switch (act) {
     case CIN_ACT_RELU: return t < (CIN_T)0 ? (CIN_T)0 : t;   /* keeps NaN */
     case CIN_ACT_LEAKY_RELU: return t < (CIN_T)0 ? t * s : t;
     case CIN_ACT_SILU: return CIN_VSCALAR(CIN_FN(cin_vsilu), bz_ + t);
-    case CIN_ACT_GELU: return (CIN_T)0.5 * t * ((CIN_T)1 + CIN_ERF(t * (CIN_T)0.70710678118654752440));
+    case CIN_ACT_GELU: return CIN_VSCALAR(CIN_FN(cin_vgelu), bz_ + t);
     case CIN_ACT_GELU_TANH: return CIN_VSCALAR(CIN_FN(cin_vgelu_tanh), bz_ + t);
     default: return t;
     }
@@ -81,24 +80,20 @@ static inline CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
 
 /* The gradient through the activation: dy * act'(t) (ReLU, LeakyReLU: torch's choice at the
  * kink, t > 0 passes dy; ReLU gives an exact 0 elsewhere). */
-static inline CIN_T CIN_FN(cin_act_grad)(CIN_T t, CIN_T dy, int act, CIN_T s)
+static CIN_ALWAYS_INLINE CIN_T CIN_FN(cin_act_grad)(CIN_T t, CIN_T dy, int act, CIN_T s)
 {
     switch (act) {
     case CIN_ACT_RELU: return t > (CIN_T)0 ? dy : (CIN_T)0;
     case CIN_ACT_LEAKY_RELU: return t > (CIN_T)0 ? dy : dy * s;
     case CIN_ACT_SILU: return CIN_VSCALAR(CIN_FN(cin_vsilu_grad), bz_ + t, bz_ + dy);
-    case CIN_ACT_GELU: {
-        CIN_T cdf = (CIN_T)0.5 * ((CIN_T)1 + CIN_ERF(t * (CIN_T)0.70710678118654752440));
-        CIN_T pdf = CIN_EXP((CIN_T)-0.5 * t * t) * (CIN_T)0.39894228040143267794;
-        return dy * (cdf + t * pdf);
-    }
+    case CIN_ACT_GELU: return CIN_VSCALAR(CIN_FN(cin_vgelu_grad), bz_ + t, bz_ + dy);
     case CIN_ACT_GELU_TANH:     /* torch's GeluBackward, approximate='tanh', as t sigmoid(2u) */
         return CIN_VSCALAR(CIN_FN(cin_vgelu_tanh_grad), bz_ + t, bz_ + dy);
     default: return dy;
     }
 }
 
-static inline CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T s)
+static CIN_ALWAYS_INLINE CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T s)
 {
     typedef CIN_FN(cin_ivec) CIN_IV;
     CIN_FN(cin_vec) z = {0};
@@ -109,13 +104,12 @@ static inline CIN_FN(cin_vec) CIN_FN(cin_vact)(CIN_FN(cin_vec) t, int act, CIN_T
         return (CIN_FN(cin_vec))(((CIN_IV)t & ~m) | ((CIN_IV)(t * s) & m));
     }
     if (act == CIN_ACT_SILU) return CIN_FN(cin_vsilu)(t);
-    if (act == CIN_ACT_GELU_TANH) return CIN_FN(cin_vgelu_tanh)(t);
-    for (int j = 0; j < (int)CIN_VLEN; j++) t[j] = CIN_FN(cin_act)(t[j], act, s);
-    return t;
+    if (act == CIN_ACT_GELU) return CIN_FN(cin_vgelu)(t);
+    return CIN_FN(cin_vgelu_tanh)(t);
 }
 
-static inline CIN_FN(cin_vec) CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) dy,
-                                                  int act, CIN_T s)
+static CIN_ALWAYS_INLINE CIN_FN(cin_vec)
+CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) dy, int act, CIN_T s)
 {
     typedef CIN_FN(cin_ivec) CIN_IV;
     CIN_FN(cin_vec) z = {0};
@@ -126,9 +120,8 @@ static inline CIN_FN(cin_vec) CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(ci
         return (CIN_FN(cin_vec))(((CIN_IV)dy & m) | ((CIN_IV)(dy * s) & ~m));
     }
     if (act == CIN_ACT_SILU) return CIN_FN(cin_vsilu_grad)(t, dy);
-    if (act == CIN_ACT_GELU_TANH) return CIN_FN(cin_vgelu_tanh_grad)(t, dy);
-    for (int j = 0; j < (int)CIN_VLEN; j++) dy[j] = CIN_FN(cin_act_grad)(t[j], dy[j], act, s);
-    return dy;
+    if (act == CIN_ACT_GELU) return CIN_FN(cin_vgelu_grad)(t, dy);
+    return CIN_FN(cin_vgelu_tanh_grad)(t, dy);
 }
 
 /* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
@@ -238,7 +231,7 @@ CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n
     (void)stream;
 #endif
     /* SiLU and the GELUs in explicit vectors (the loop below vectorizes the selects of ReLU
-     * and LeakyReLU by itself, not the vector exp) */
+     * and LeakyReLU by itself, not the vector exp and CDF) */
     if (act >= CIN_ACT_SILU)
         for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
             CIN_FN(cin_vec) v = CIN_FN(cin_load)(x + i);

@@ -14,8 +14,8 @@
  * 5e-9) or 13 (double, 4e-18) (Estrin's scheme), 2^n built in the exponent bits.  Inputs above
  * 88 (float) or 709 (double) give +inf (exp is within 2x of overflow there), below
  * ln(smallest normal) 0, NaN propagates: relative error within 1.4 eps (float) and 1.8 eps
- * (double) of expl over [-87.3, 88] and [-708.3, 709] on every SIMD path (a dense scan, this
- * session), and tests/test_vmath.py through the activations.
+ * (double) of expl over [-87.3, 88] and [-708.3, 709] on every SIMD path (a dense scan),
+ * and tests/test_vmath.py through the activations.
  * Relies on IEEE evaluation (no -ffast-math: the rounding trick must not be folded away).
  */
 
@@ -166,12 +166,13 @@ CIN_FN(cin_vgelu_tanh_grad)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) dy)
  * u -> inf), here the Chebyshev interpolant on the q of u in [0, u_max], in powers of
  * s = A q + B (Estrin's scheme), fitted for this library (tools/fit_erfc.py, 40-digit mpmath):
  * degree 10, K = 3 (float) and degree 22, K = 3.5 (double), 1.7 ulp as evaluated, u_max where
- * exp(-u^2) leaves the normal range (u is clamped there; the exp is 0 beyond).  exp(-u^2) = exp(-t^2 / 2) comes from t itself, as a
- * double word: t = tz + (t - tz) with tz's low mantissa bits cleared (12 of float's, 27 of
- * double's), so tz^2 is exact and -t^2/2 = -tz^2/2 - (t - tz)(t + tz)/2 loses nothing to the
- * argument's rounding (t / sqrt 2 rounded, then squared, would give relative errors of
- * 2u^2 ulp, 1e-13 at u = 26).  Phi = erfc/2 for t < 0 (relative accuracy deep in the tail,
- * where 1 + erf cancels), 1 - erfc/2 above; NaN propagates, Phi(+inf) = 1, Phi(-inf) = 0. */
+ * exp(-u^2) leaves the normal range (u is clamped there; the exp is 0 beyond).
+ * exp(-u^2) = exp(-t^2 / 2) comes from t itself, as a double word: t = tz + (t - tz) with
+ * tz's low mantissa bits cleared (12 of float's, 27 of double's), so tz^2 is exact and
+ * -t^2/2 = -tz^2/2 - (t - tz)(t + tz)/2 loses nothing to the argument's rounding (t / sqrt 2
+ * rounded, then squared, would give relative errors of 2u^2 ulp, 1e-13 at u = 26).
+ * Phi = erfc/2 for t < 0 (relative accuracy deep in the tail, where 1 + erf cancels),
+ * 1 - erfc/2 above; NaN propagates, Phi(+inf) = 1, Phi(-inf) = 0. */
 static CIN_ALWAYS_INLINE CIN_FN(cin_vec)
 CIN_FN(cin_vphi)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) *e)
 {

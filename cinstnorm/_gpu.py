@@ -19,6 +19,10 @@ the slots (16-byte pieces) per plane and the plane count:
 - ``chunk``: planes cut into chunks; two launches (partials, then merge + finish).
 
 The thresholds are the module constants below, so tests can aim at the boundaries.
+
+The fused activation and residual (``act``, ``slope``, ``residual``) run inside the same
+kernels, in their template instantiations with FUSED = true (a second module per C type,
+compiled on the first call that needs it; see the .cu header).
 """
 from __future__ import annotations
 
@@ -48,6 +52,10 @@ BLOCK_MAX_THREADS = 512       # most threads of a block kernel (CIN_BLOCK_MAX_TH
 GROUP_SLOTS = (2, 8)
 FORWARD_BLOCK_SLOTS = (8, 16)
 BACKWARD_BLOCK_SLOTS = (8,)   # x and dy both in registers: 16 slots would spill
+# A forward with an activation or a residual (the kernels' FUSED = true): 16 slots of x beside
+# the residual's loads would spill (ptxas: 48 bytes for float), so its block regime ends at 8
+# slots per thread, and larger planes are chunked.
+FUSED_FORWARD_BLOCK_SLOTS = (8,)
 
 # Regime thresholds, in slots per plane (a slot is 16 bytes).
 GROUP_MAX_SLOTS = 32 * max(GROUP_SLOTS)                                 # 4 KiB planes
@@ -199,15 +207,33 @@ def to_cpu(a) -> np.ndarray:
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
-def kernel_names(ctype: str) -> list:
+def _fused_flag(fused) -> str:
+    """The kernels' template argument FUSED: true when the call has an activation (or, in the
+    forward, a residual); the code, slope and residual pointer are runtime arguments (see the
+    .cu header)."""
+    return "true" if fused else "false"
+
+
+def _forward_block_slots(fused: bool) -> tuple:
+    return FUSED_FORWARD_BLOCK_SLOTS if fused else FORWARD_BLOCK_SLOTS
+
+
+def kernel_names(ctype: str, fused: Optional[bool] = None) -> list:
     """Every kernel instantiation of the source for one C type ('float' or 'double'), as the
-    name expressions that CuPy compiles and looks up."""
-    names = [f"cin_fwd_group<{ctype}, {s}>" for s in GROUP_SLOTS]
-    names += [f"cin_fwd_block<{ctype}, {s}>" for s in FORWARD_BLOCK_SLOTS]
-    names += [f"cin_fwd_chunk_stats<{ctype}>", f"cin_fwd_chunk_norm<{ctype}>"]
-    names += [f"cin_bwd_group<{ctype}, {s}>" for s in GROUP_SLOTS]
-    names += [f"cin_bwd_block<{ctype}, {s}>" for s in BACKWARD_BLOCK_SLOTS]
-    names += [f"cin_bwd_chunk_sums<{ctype}>", f"cin_bwd_chunk_dx<{ctype}>"]
+    name expressions that CuPy compiles and looks up: the plain ones (fused False), those with
+    an activation and residual (fused True, compiled only when a call needs them), or both
+    (None)."""
+    if fused is None:
+        return kernel_names(ctype, False) + kernel_names(ctype, True)
+    flag = _fused_flag(fused)
+    names = [f"cin_fwd_group<{ctype}, {s}, {flag}>" for s in GROUP_SLOTS]
+    names += [f"cin_fwd_block<{ctype}, {s}, {flag}>" for s in _forward_block_slots(fused)]
+    names += [f"cin_fwd_chunk_norm<{ctype}, {flag}>"]
+    names += [f"cin_bwd_group<{ctype}, {s}, {flag}>" for s in GROUP_SLOTS]
+    names += [f"cin_bwd_block<{ctype}, {s}, {flag}>" for s in BACKWARD_BLOCK_SLOTS]
+    names += [f"cin_bwd_chunk_sums<{ctype}, {flag}>", f"cin_bwd_chunk_dx<{ctype}, {flag}>"]
+    if not fused:
+        names += [f"cin_fwd_chunk_stats<{ctype}>"]  # statistics only: no activation
     return names
 
 
@@ -218,12 +244,13 @@ def kernel_source() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(device_id: int, ctype: str):
-    """The RawModule of one C type, compiled for one device (once per process)."""
+def _module(device_id: int, ctype: str, fused: bool):
+    """The RawModule of one C type and kernel group (see :func:`kernel_names`), compiled for
+    one device (once per process)."""
     cupy = require_cupy()
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",),
-                                name_expressions=kernel_names(ctype))
+                                name_expressions=kernel_names(ctype, fused))
         module.compile()
     return module
 
@@ -231,8 +258,9 @@ def _module(device_id: int, ctype: str):
 @functools.lru_cache(maxsize=None)
 def _kernel(device_id: int, ctype: str, name: str):
     cupy = require_cupy()
+    fused = name in kernel_names(ctype, True)
     with cupy.cuda.Device(device_id):
-        return _module(device_id, ctype).get_function(name)
+        return _module(device_id, ctype, fused).get_function(name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,9 +269,11 @@ def _sm_count(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-def _launch(device_id: int, dtype, base: str, tparam, grid: int, block: int, args) -> None:
+def _launch(device_id: int, dtype, base: str, tparams: tuple, grid: int, block: int,
+            args) -> None:
+    """Launch the instantiation base<ctype, *tparams> of ``dtype``."""
     ctype = _CTYPES[np.dtype(dtype)]
-    name = f"{base}<{ctype}>" if tparam is None else f"{base}<{ctype}, {tparam}>"
+    name = f"{base}<{', '.join((ctype,) + tuple(str(t) for t in tparams))}>"
     if not 0 < grid < 2 ** 31:
         raise ValueError(f"{name}: grid of {grid} blocks is out of range")
     _kernel(device_id, ctype, name)((grid,), (block,), tuple(args))
@@ -295,10 +325,12 @@ def _chunk_plan(P: int, ns: int, n_sm: int) -> Plan:
     return Plan("chunk", 0, CHUNK_THREADS, 1, chunks, chunk_slots)
 
 
-def choose_plan(kind: str, P: int, L: int, itemsize: int, max_head: int, n_sm: int) -> Plan:
+def choose_plan(kind: str, P: int, L: int, itemsize: int, max_head: int, n_sm: int,
+                fused: bool = False) -> Plan:
     """The regime for ``kind`` ('forward', 'fixed' = eval forward, or 'backward') on P planes
     of L elements of ``itemsize`` bytes whose first elements lie at most ``max_head`` elements
-    past a 16-byte boundary, on a device with ``n_sm`` multiprocessors."""
+    past a 16-byte boundary, on a device with ``n_sm`` multiprocessors; ``fused``: a forward
+    with an activation or a residual (fewer block kernels, FUSED_FORWARD_BLOCK_SLOTS)."""
     if kind not in ("forward", "fixed", "backward"):
         raise ValueError(f"unknown kind {kind!r}")
     ns = plane_slots(L, itemsize, max_head)
@@ -308,7 +340,7 @@ def choose_plan(kind: str, P: int, L: int, itemsize: int, max_head: int, n_sm: i
         return Plan("group", slots, GROUP_THREADS, group)
     if kind == "fixed":  # elementwise: chunks need no second launch
         return _chunk_plan(P, ns, n_sm)
-    choices = BACKWARD_BLOCK_SLOTS if kind == "backward" else FORWARD_BLOCK_SLOTS
+    choices = BACKWARD_BLOCK_SLOTS if kind == "backward" else _forward_block_slots(fused)
     fills = P >= BLOCK_MIN_PLANES_PER_SM * n_sm or ns <= SMALL_PLANE_SLOTS
     if ns <= BLOCK_MAX_THREADS * max(choices) and fills:
         slots = next(s for s in choices if BLOCK_MAX_THREADS * s >= ns)
@@ -382,17 +414,18 @@ def _deliver(cupy, result, x):
     return result.astype(x.dtype, copy=False)
 
 
-def _prepare(cupy, kind: str, plan, x, *more):
-    """What every launch of ``kind`` needs from a non-empty (N, C, *spatial) input x (and the
-    arrays ``more`` of its shape): (device id, L, compute dtype, the inputs as C-contiguous
-    (P, L) planes of the compute dtype, an output congruent with x's planes, whether all of
-    them take aligned 16-byte access, the plan)."""
+def _prepare(cupy, kind: str, plan, x, *more, fused: bool = False):
+    """What every launch of ``kind`` (``fused``: see :func:`choose_plan`) needs from a non-empty
+    (N, C, *spatial) input x (and the arrays ``more`` of its shape, or None): (device id, L,
+    compute dtype, the inputs as C-contiguous (P, L) planes of the compute dtype (None stays
+    None), an output congruent with x's planes, whether all of them take aligned 16-byte
+    access, the plan)."""
     P = x.shape[0] * x.shape[1]
     dev, L, cdt = x.device.id, x.size // P, _compute_dtype(x.dtype)
-    planes = tuple(_planes(cupy, a, cdt) for a in (x,) + more)
+    planes = tuple(None if a is None else _planes(cupy, a, cdt) for a in (x,) + more)
     out = _empty_congruent(cupy, planes[0])
-    vec = _vector_access(*planes, out)
-    return dev, L, cdt, planes, out, vec, _plan_for(kind, plan, planes[0], vec, dev)
+    vec = _vector_access(*(a for a in planes if a is not None), out)
+    return dev, L, cdt, planes, out, vec, _plan_for(kind, plan, planes[0], vec, dev, fused)
 
 
 # ---- entry points -------------------------------------------------------------------------
@@ -409,8 +442,13 @@ def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan
     eps : float
     plan : Plan, optional
         Force a regime (tests); by default :func:`choose_plan` decides.
-    residual, act, slope : optional
-        The fused activation (code) and residual (see :func:`_epilogue`).
+    residual : array of x's shape, optional
+        Added after the activation, in the compute dtype (any layout and float dtype: it is
+        converted once to the C-contiguous (P, L) planes of the compute dtype that the kernels
+        read, unless it already is that).
+    act, slope : int, float
+        The fused activation's code (``_validation.ACTIVATIONS``; 0: none) and LeakyReLU's
+        negative slope: ``y = act(xhat * weight + bias) + residual``, in the kernels.
 
     Returns
     -------
@@ -428,30 +466,34 @@ def forward(x, weight=None, bias=None, eps: float = 1e-5, *, plan: Optional[Plan
             for a in stats:
                 a.fill(np.nan)
             return cupy.empty_like(x), *stats
-        dev, L, cdt, (x2,), y2, vec, plan = _prepare(cupy, "forward", plan, x)
+        is_fused = bool(act) or residual is not None
+        dev, L, cdt, (x2, r2), y2, vec, plan = _prepare(cupy, "forward", plan, x, residual,
+                                                        fused=is_fused)
         w, w_ns = _plane_param(cupy, weight, N, C)
         b, b_ns = _plane_param(cupy, bias, N, C)
         i64, f64 = np.int64, np.float64
         mean, var, rstd = stats
+        epilogue = (r2, i64(act), f64(slope))
+        flag = _fused_flag(is_fused)
         if plan.regime == "group":
             grid = -(-P * plan.group // plan.threads)
-            _launch(dev, cdt, "cin_fwd_group", plan.slots, grid, plan.threads,
+            _launch(dev, cdt, "cin_fwd_group", (plan.slots, flag), grid, plan.threads,
                     (x2, y2, i64(P), i64(L), i64(C), i64(plan.group), i64(vec), w, w_ns, b, b_ns,
-                     None, i64(0), None, i64(0), f64(eps), mean, var, rstd))
+                     None, i64(0), None, i64(0), f64(eps), mean, var, rstd) + epilogue)
         elif plan.regime == "block":
-            _launch(dev, cdt, "cin_fwd_block", plan.slots, P, plan.threads,
+            _launch(dev, cdt, "cin_fwd_block", (plan.slots, flag), P, plan.threads,
                     (x2, y2, i64(L), i64(C), i64(vec), w, w_ns, b, b_ns, f64(eps),
-                     mean, var, rstd))
+                     mean, var, rstd) + epilogue)
         else:
             part = cupy.empty(3 * P * plan.chunks, dtype=cupy.float64)
             grid = P * plan.chunks
-            _launch(dev, cdt, "cin_fwd_chunk_stats", None, grid, plan.threads,
+            _launch(dev, cdt, "cin_fwd_chunk_stats", (), grid, plan.threads,
                     (x2, i64(L), i64(plan.chunks), i64(plan.chunk_slots), i64(vec), part))
-            _launch(dev, cdt, "cin_fwd_chunk_norm", None, grid, plan.threads,
+            _launch(dev, cdt, "cin_fwd_chunk_norm", (flag,), grid, plan.threads,
                     (x2, y2, i64(L), i64(C), i64(plan.chunks), i64(plan.chunk_slots), i64(vec),
                      part, None, i64(0), None, i64(0), w, w_ns, b, b_ns, f64(eps),
-                     mean, var, rstd))
-        return _epilogue(cupy, _deliver(cupy, y2, x), residual, act, slope), mean, var, rstd
+                     mean, var, rstd) + epilogue)
+        return _deliver(cupy, y2, x), mean, var, rstd
 
 
 def forward_fixed(x, mean, var, weight=None, bias=None, eps: float = 1e-5, *,
@@ -459,7 +501,8 @@ def forward_fixed(x, mean, var, weight=None, bias=None, eps: float = 1e-5, *,
     """Normalize with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
     ``mean``, ``var``, ``weight``, ``bias``: (C,) or (N, C), NumPy or CuPy (weight/bias may be
-    None).  One launch.  Returns y with x's shape and dtype.
+    None).  ``residual``, ``act``, ``slope``: the fused activation and residual, as in
+    :func:`forward`.  One launch.  Returns y with x's shape and dtype.
     """
     cupy = require_cupy()
     with x.device:
@@ -467,24 +510,28 @@ def forward_fixed(x, mean, var, weight=None, bias=None, eps: float = 1e-5, *,
             return cupy.empty_like(x)
         N, C = x.shape[:2]
         P = N * C
-        dev, L, cdt, (x2,), y2, vec, plan = _prepare(cupy, "fixed", plan, x)
+        dev, L, cdt, (x2, r2), y2, vec, plan = _prepare(cupy, "fixed", plan, x, residual)
         m, m_ns = _plane_param(cupy, mean, N, C)
         v, v_ns = _plane_param(cupy, var, N, C)
         w, w_ns = _plane_param(cupy, weight, N, C)
         b, b_ns = _plane_param(cupy, bias, N, C)
         i64, f64 = np.int64, np.float64
+        epilogue = (r2, i64(act), f64(slope))
+        flag = _fused_flag(bool(act) or residual is not None)
         if plan.regime == "group":
             grid = -(-P * plan.group // plan.threads)
-            _launch(dev, cdt, "cin_fwd_group", plan.slots, grid, plan.threads,
+            _launch(dev, cdt, "cin_fwd_group", (plan.slots, flag), grid, plan.threads,
                     (x2, y2, i64(P), i64(L), i64(C), i64(plan.group), i64(vec), w, w_ns, b, b_ns,
-                     m, m_ns, v, v_ns, f64(eps), None, None, None))
+                     m, m_ns, v, v_ns, f64(eps), None, None, None) + epilogue)
         elif plan.regime == "chunk":
-            _launch(dev, cdt, "cin_fwd_chunk_norm", None, P * plan.chunks, plan.threads,
+            _launch(dev, cdt, "cin_fwd_chunk_norm", (flag,), P * plan.chunks,
+                    plan.threads,
                     (x2, y2, i64(L), i64(C), i64(plan.chunks), i64(plan.chunk_slots), i64(vec),
-                     None, m, m_ns, v, v_ns, w, w_ns, b, b_ns, f64(eps), None, None, None))
+                     None, m, m_ns, v, v_ns, w, w_ns, b, b_ns, f64(eps), None, None, None)
+                    + epilogue)
         else:
             raise ValueError(f"no {plan.regime!r} regime for fixed statistics")
-        return _epilogue(cupy, _deliver(cupy, y2, x), residual, act, slope)
+        return _deliver(cupy, y2, x)
 
 
 def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *,
@@ -499,13 +546,18 @@ def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *
     weight : array (C,) or (N, C), optional
     use_input_stats : bool
         True: gradient through the statistics; False: ``dx = dy * weight * rstd``.
+    bias : array (C,) or (N, C), optional
+        The forward's bias; read only with an activation (for its pre-activation t).
+    act, slope : int, float
+        The forward's fused activation (code, 0: none) and negative slope: the kernels use
+        ``g = dy * act'(t)`` in dy's place, ``t = (x - mean) * rstd * weight + bias``.
 
     Returns
     -------
     dx : cupy.ndarray
         x's shape and dtype.
     sum_dy, sum_dy_xhat : cupy.ndarray, float64, shape (N*C,)
-        ``sum(dy)`` and ``sum(dy * (x - mean) * rstd)`` per plane (zeros for an empty input).
+        ``sum(g)`` and ``sum(g * (x - mean) * rstd)`` per plane (zeros for an empty input).
     """
     cupy = require_cupy()
     N, C = x.shape[:2]
@@ -514,120 +566,56 @@ def backward(dy, x, mean_p, rstd_p, weight=None, use_input_stats: bool = True, *
         if x.size == 0:
             return (cupy.empty_like(x), cupy.zeros(P, dtype=cupy.float64),
                     cupy.zeros(P, dtype=cupy.float64))
-        if act:
-            dy = _activation_grad(cupy, dy, x, mean_p, rstd_p, weight, bias, act, slope)
         dev, L, cdt, (x2, dy2), dx2, vec, plan = _prepare(cupy, "backward", plan, x, dy)
         m, m_ns = _plane_param(cupy, mean_p, N, C)
         r, r_ns = _plane_param(cupy, rstd_p, N, C)
         w, w_ns = _plane_param(cupy, weight, N, C)
+        b, b_ns = _plane_param(cupy, bias if act else None, N, C)
         sum_dy = cupy.empty(P, dtype=cupy.float64)
         sum_dy_xhat = cupy.empty(P, dtype=cupy.float64)
-        i64 = np.int64
-        stats = (m, m_ns, r, r_ns, w, w_ns, i64(bool(use_input_stats)))
+        i64, f64 = np.int64, np.float64
+        stats = (m, m_ns, r, r_ns, w, w_ns, b, b_ns, i64(act), f64(slope),
+                 i64(bool(use_input_stats)))
+        flag = _fused_flag(act)
         if plan.regime == "group":
             grid = -(-P * plan.group // plan.threads)
-            _launch(dev, cdt, "cin_bwd_group", plan.slots, grid, plan.threads,
+            _launch(dev, cdt, "cin_bwd_group", (plan.slots, flag), grid, plan.threads,
                     (dy2, x2, dx2, i64(P), i64(L), i64(C), i64(plan.group), i64(vec)) + stats
                     + (sum_dy, sum_dy_xhat))
         elif plan.regime == "block":
-            _launch(dev, cdt, "cin_bwd_block", plan.slots, P, plan.threads,
+            _launch(dev, cdt, "cin_bwd_block", (plan.slots, flag), P, plan.threads,
                     (dy2, x2, dx2, i64(L), i64(C), i64(vec)) + stats + (sum_dy, sum_dy_xhat))
         else:
             part = cupy.empty(2 * P * plan.chunks, dtype=cupy.float64)
             shape = (dy2, x2, dx2, i64(L), i64(C), i64(plan.chunks), i64(plan.chunk_slots),
                      i64(vec)) + stats
-            _launch(dev, cdt, "cin_bwd_chunk_sums", None, P * plan.chunks, plan.threads,
+            _launch(dev, cdt, "cin_bwd_chunk_sums", (flag,), P * plan.chunks, plan.threads,
                     shape + (part,))
             grid = P * plan.chunks if use_input_stats else P
-            _launch(dev, cdt, "cin_bwd_chunk_dx", None, grid, plan.threads,
+            _launch(dev, cdt, "cin_bwd_chunk_dx", (flag,), grid, plan.threads,
                     shape + (part, sum_dy, sum_dy_xhat))
         return _deliver(cupy, dx2, x), sum_dy, sum_dy_xhat
 
 
-# ---- activation and residual (not yet fused into the CUDA kernels: one extra elementwise
-# kernel each way, in the compute dtype) ---------------------------------------------------------
-
-def _act_params(cupy, a, x, fill: float):
-    """A (C,), (N, C) or (P,) parameter (or None) shaped to broadcast against x, float64."""
-    N, C = x.shape[:2]
-    if a is None:
-        return fill
-    return cupy.asarray(a, dtype=cupy.float64).reshape((-1, C) + (1,) * (x.ndim - 2))
-
-
-def _act_value(cupy, t, act: int, slope: float):
-    """act(t) by code (see _validation.ACTIVATIONS)."""
-    if act == 1:
-        return cupy.maximum(t, 0)
-    if act == 2:
-        return cupy.where(t > 0, t, t * slope)
-    if act == 3:
-        return t / (1 + cupy.exp(-t))
-    if act == 4:
-        from cupyx.scipy.special import erf
-        return 0.5 * t * (1 + erf(t * 0.7071067811865476))
-    if act == 5:
-        return 0.5 * t * (1 + cupy.tanh(0.7978845608028654 * (t + 0.044715 * t ** 3)))
-    return t
-
-
-def _act_derivative(cupy, t, act: int, slope: float):
-    if act == 1:
-        return (t > 0).astype(t.dtype)
-    if act == 2:
-        return cupy.where(t > 0, 1.0, slope).astype(t.dtype)
-    if act == 3:
-        s = 1 / (1 + cupy.exp(-t))
-        return s * (1 + t * (1 - s))
-    if act == 4:
-        from cupyx.scipy.special import erf
-        return 0.5 * (1 + erf(t * 0.7071067811865476)) + t * cupy.exp(-0.5 * t * t) \
-            * 0.3989422804014327
-    th = cupy.tanh(0.7978845608028654 * (t + 0.044715 * t ** 3))
-    return 0.5 * (1 + th) + 0.5 * t * (1 - th * th) * 0.7978845608028654 * (
-        1 + 3 * 0.044715 * t * t)
-
-
-def _epilogue(cupy, y, residual, act: int, slope: float):
-    """y = act(y) + residual, in place."""
-    if act:
-        y[...] = _act_value(cupy, y.astype(_compute(y.dtype)), act, slope)
-    if residual is not None:
-        y += cupy.asarray(residual).astype(y.dtype)
-    return y
-
-
-def _compute(dtype):
-    return np.float32 if dtype == np.float16 else dtype
-
-
-def _activation_grad(cupy, dy, x, mean_p, rstd_p, weight, bias, act: int, slope: float):
-    """dy * act'(t) with the forward's t = (x - mean) * rstd * weight + bias recomputed."""
-    cdt = _compute(x.dtype)
-    m = _act_params(cupy, mean_p, x, 0.0)
-    r = _act_params(cupy, rstd_p, x, 1.0)
-    t = (x.astype(cdt) - m) * r * _act_params(cupy, weight, x, 1.0) \
-        + _act_params(cupy, bias, x, 0.0)
-    return (dy.astype(cdt) * _act_derivative(cupy, t.astype(cdt), act, slope)).astype(x.dtype)
-
-
-def _plan_for(kind: str, plan: Optional[Plan], x2, vec: int, dev: int) -> Plan:
+def _plan_for(kind: str, plan: Optional[Plan], x2, vec: int, dev: int, fused: bool) -> Plan:
     """The given plan (tests), else the chosen one; checked to hold every slot of a plane."""
     P, L = x2.shape
     head = _max_head(x2, vec)
-    plan = plan or choose_plan(kind, P, L, x2.itemsize, head, _sm_count(dev))
-    _check_plan(plan, kind, L, x2.itemsize, head)
+    plan = plan or choose_plan(kind, P, L, x2.itemsize, head, _sm_count(dev), fused)
+    _check_plan(plan, kind, L, x2.itemsize, head, fused)
     return plan
 
 
-def _check_plan(plan: Plan, kind: str, L: int, itemsize: int, max_head: int) -> None:
-    """A forced or chosen plan must hold every slot of a plane (else elements would be lost)."""
+def _check_plan(plan: Plan, kind: str, L: int, itemsize: int, max_head: int,
+                fused: bool = False) -> None:
+    """A forced or chosen plan must hold every slot of a plane (else elements would be lost)
+    and name a compiled kernel."""
     ns = plane_slots(L, itemsize, max_head)
     if plan.regime == "group":
         ok = plan.slots in GROUP_SLOTS and plan.group in (1, 2, 4, 8, 16, 32) \
             and plan.threads == GROUP_THREADS and plan.capacity() >= ns
     elif plan.regime == "block":
-        choices = BACKWARD_BLOCK_SLOTS if kind == "backward" else FORWARD_BLOCK_SLOTS
+        choices = BACKWARD_BLOCK_SLOTS if kind == "backward" else _forward_block_slots(fused)
         ok = kind != "fixed" and plan.slots in choices and plan.threads % 32 == 0 \
             and 0 < plan.threads <= BLOCK_MAX_THREADS and plan.capacity() >= ns
     elif plan.regime == "chunk":

@@ -103,8 +103,8 @@ def test_cuda_module_without_cupy_says_what_is_missing_and_changes_nothing(monke
 
 # ---- CPU-only: the work split -------------------------------------------------------------
 
-def _valid_plan(plan, kind, P, L, itemsize, head):
-    _gpu._check_plan(plan, kind, L, itemsize, head)  # raises when slots would be lost
+def _valid_plan(plan, kind, P, L, itemsize, head, fused=False):
+    _gpu._check_plan(plan, kind, L, itemsize, head, fused)  # raises when slots would be lost
     assert plan.launches(kind) <= 2
     grid = {"group": -(-P * plan.group // max(plan.threads, 1)), "block": P,
             "chunk": P * plan.chunks}[plan.regime]
@@ -248,7 +248,12 @@ def _window(L, head, j, chunk_slots, n):
 
 
 class Emulator:
-    """What each kernel computes, in float64 NumPy, from the arguments _gpu launches it with."""
+    """What each kernel computes, in float64 NumPy, from the arguments _gpu launches it with.
+
+    The fused activation's formulas are the reference's (float64); what is emulated is how the
+    kernels read their arguments: the template flag FUSED, the code and slope, the residual
+    (read in y's (P, L) layout) and, in the backward, the weight and bias of the
+    pre-activation.  The CUDA formulas themselves run on the host backend."""
 
     N_SM = 132
 
@@ -260,12 +265,18 @@ class Emulator:
         base, targs = name.split("<", 1)
         targs = [t.strip() for t in targs.rstrip(">").split(",")]
         dtype = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}[targs[0]]
-        slots = int(targs[1]) if len(targs) > 1 else None
+        slots = next((int(t) for t in targs[1:] if t.isdigit()), None)
+        fused = {"true": True, "false": False}.get(targs[-1])
         assert name in _gpu.kernel_names(targs[0]), f"{name} is not compiled"
 
         def launch(grid, block, args):
             self.launches.append(base)
             a = self.bind(base, dtype, args)
+            if fused is not None:  # a plain kernel ignores act and residual: none may be given
+                wanted = a.act != 0 or getattr(a, "residual", None) is not None
+                assert wanted == fused, f"{name} launched with act={a.act}"
+                assert 0 <= a.act < len(ref.ACTIVATIONS), a.act
+            a.fused = bool(fused)
             getattr(self, base)(a, dtype, slots, grid[0], block[0])
 
         return launch
@@ -318,12 +329,24 @@ class Emulator:
     def planes(arr, P, L):
         return arr[:P * L].reshape(P, L)
 
+    def pre_activation(self, a, P, x, mean, rstd):
+        """t = (x - mean) * rstd * weight + bias of every plane (x: (P, L) float64)."""
+        w = self.param(a.weight, a.w_ns, a.C, P, 1.0)
+        b = self.param(a.bias, a.b_ns, a.C, P, 0.0)
+        return (x - mean[:, None]) * (rstd * w)[:, None] + b[:, None]
+
+    @staticmethod
+    def activation(a):
+        """(name, slope) of the kernel's activation: (None, ...) in a plain kernel."""
+        return (ref.ACTIVATIONS[a.act] if a.fused else None), a.slope
+
     def normalize_planes(self, a, dtype, P, mean, var):
         x = self.planes(a.x, P, a.L).astype(np.float64)
         rstd = 1.0 / np.sqrt(var + a.eps)
-        w = self.param(a.weight, a.w_ns, a.C, P, 1.0)
-        b = self.param(a.bias, a.b_ns, a.C, P, 0.0)
-        return ((x - mean[:, None]) * (rstd * w)[:, None] + b[:, None]).astype(dtype), rstd
+        y = ref.activation(self.pre_activation(a, P, x, mean, rstd), *self.activation(a))
+        if a.fused and a.residual is not None:
+            y = y + self.planes(a.residual, P, a.L)
+        return y.astype(dtype), rstd
 
     def write_stats(self, a, sel, mean, var, rstd):
         if a.mean_out is not None:
@@ -389,10 +412,21 @@ class Emulator:
                 self.write_stats(a, p, mean[p], var[p], rstd[p])
 
     # backward
+    def g_planes(self, a, P):
+        """g = dy, or dy * act'(t) with the forward's t from mean, rstd, weight and bias."""
+        dy = self.planes(a.dy, P, a.L).astype(np.float64)
+        name, slope = self.activation(a)
+        if name is None:
+            return dy
+        x = self.planes(a.x, P, a.L).astype(np.float64)
+        t = self.pre_activation(a, P, x, self.param(a.mean_p, a.m_ns, a.C, P, 0.0),
+                                self.param(a.rstd_p, a.r_ns, a.C, P, 1.0))
+        return dy * ref.activation_derivative(t, name, slope)
+
     def grads(self, a, dtype, P, sdy=None, sdyc_k=None):
         """dx, sum_dy, sum_dy_xhat of every plane (sums from chunk partials when given)."""
         L = a.L
-        dy = self.planes(a.dy, P, L).astype(np.float64)
+        dy = self.g_planes(a, P)
         x = self.planes(a.x, P, L).astype(np.float64)
         mean = self.param(a.mean_p, a.m_ns, a.C, P, 0.0)
         rstd = self.param(a.rstd_p, a.r_ns, a.C, P, 1.0)
@@ -429,9 +463,9 @@ class Emulator:
         mean = self.param(a.mean_p, a.m_ns, a.C, P, 0.0)
         k = mean.astype(dtype).astype(np.float64)
         dx, _, _ = self.grads(a, dtype, P)
+        g = self.g_planes(a, P).reshape(-1)
         for b, p, j, lo, hi in self.chunks_of(a, grid, a.chunks):
-            dy = a.dy[lo:hi].astype(np.float64)
-            a.part[2 * b:2 * b + 2] = dy.sum(), (dy * (a.x[lo:hi] - k[p])).sum()
+            a.part[2 * b:2 * b + 2] = g[lo:hi].sum(), (g[lo:hi] * (a.x[lo:hi] - k[p])).sum()
             if not a.input_stats:
                 a.dx[lo:hi] = dx.reshape(-1)[lo:hi]
 
@@ -858,9 +892,9 @@ def backward_and_check(backend, dy, x, mean, rstd, w, use_input_stats, plan=None
     assert launches is None or len(launches) <= 2
 
 
-def forced_plans(kind, P, L, itemsize):
+def forced_plans(kind, P, L, itemsize, fused=False):
     """Every regime that can run this case, with several chunkings (sized for planes that may
-    start anywhere in a 16-byte slot)."""
+    start anywhere in a 16-byte slot); ``fused``: a forward with an activation or residual."""
     ns = _gpu.plane_slots(L, itemsize, _gpu.VEC_BYTES // itemsize - 1)
     plans = []
     if ns <= _gpu.GROUP_MAX_SLOTS:
@@ -870,7 +904,8 @@ def forced_plans(kind, P, L, itemsize):
                     plans.append(_gpu.Plan("group", slots, _gpu.GROUP_THREADS, group))
                     break
     if kind != "fixed":
-        choices = _gpu.BACKWARD_BLOCK_SLOTS if kind == "backward" else _gpu.FORWARD_BLOCK_SLOTS
+        choices = _gpu.BACKWARD_BLOCK_SLOTS if kind == "backward" else \
+            _gpu._forward_block_slots(fused)
         for slots in choices:
             threads = 32 * -(-ns // (32 * slots))
             if threads <= _gpu.BLOCK_MAX_THREADS:

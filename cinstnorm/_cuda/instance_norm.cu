@@ -40,6 +40,24 @@
  * means, then M2 = sum(M2_j + n_j (mean_j - mean)^2), which has no cancellation).
  * Normalization is y = (x - k) * alpha + beta with k = mean rounded to T, alpha = rstd * w and
  * beta = b - (mean - k) * alpha computed in double: no x * alpha + beta cancellation.
+ *
+ * Fused activation and residual (issue 14): every forward kernel that writes y writes
+ * y = act((x - k) * alpha + beta) + residual, in T, and every backward kernel that reads dy
+ * uses g = dy * act'(t) in its place (in the sums and in dx), t = (x - k) * alpha + beta
+ * recomputed from x and the given mean, rstd, weight and bias: bitwise the forward's t.  The
+ * residual (null: none) is a (P, L) array of T like y, read slot by slot as y is stored; its
+ * gradient is dy itself, so the backward never sees it.  Activation codes are those of
+ * cinstnorm._validation.ACTIVATIONS and src/cinstnorm_kernels.h (CIN_ACT_* below), with the
+ * formulas of the CPU's cin_act / cin_act_grad, in T (expf/erff/tanhf for float, exp/erf/tanh
+ * for double).  Instantiations: a template bool FUSED on each kernel that normalizes or reads
+ * dy (forward: an activation or a residual; backward: an activation), with the code, the
+ * slope and the residual pointer as runtime arguments.  FUSED = false is the plain kernel,
+ * which reads none of them (no activation code, no residual loads, the registers of before);
+ * FUSED = true selects the code per element on a uniform value, which costs next to nothing
+ * beside the libm calls of SiLU and the GELUs, and keeps the instantiations at two per kernel
+ * instead of six or twelve.  _gpu.py compiles the FUSED ones as a second module per C type,
+ * on the first call that needs them, so a plain call pays no NVRTC time for them; their
+ * forward block regime has 8 slots per thread only (16 slots beside the residual spill).
  */
 
 #define CIN_DEV __device__ __forceinline__
@@ -50,10 +68,24 @@
 #define CIN_CHUNK_THREADS 256
 #define CIN_BLOCK_MAX_THREADS 512
 /* Two resident blocks of the largest size per SM, so that one loads while the other reduces,
- * for the forward block kernel with up to 8 slots (32 registers of data) per thread. */
-#define CIN_BLOCK_MIN_BLOCKS(S) ((S) <= 8 ? 2 : 1)
+ * for the plain forward block kernel with up to 8 slots (32 registers of data) per thread.
+ * With a fused activation and residual (FUSED) one: its libm code and the residual's slots do
+ * not fit beside 8 slots in the 64 registers of two blocks (ptxas spills 56 bytes there). */
+#define CIN_BLOCK_MIN_BLOCKS(S, FUSED) ((S) <= 8 && !(FUSED) ? 2 : 1)
 /* Slots per thread per loop iteration of the chunk kernels (independent loads in flight). */
 #define CIN_CHUNK_UNROLL 4
+/* Resident blocks per SM that the fused chunk kernels are built for (_gpu.CHUNK_BLOCKS_PER_SM):
+ * at most 85 registers per thread, which keeps ptxas from parking values in local memory
+ * (sm_90) or taking 90 and more for the libm code.  The plain ones (FUSED false) need 64 or
+ * fewer without a bound (0: none). */
+#define CIN_CHUNK_MIN_BLOCKS(FUSED) ((FUSED) ? 3 : 0)
+/* Fused activation codes (cinstnorm._validation.ACTIVATIONS, src/cinstnorm_kernels.h). */
+#define CIN_ACT_NONE 0
+#define CIN_ACT_RELU 1
+#define CIN_ACT_LEAKY_RELU 2
+#define CIN_ACT_SILU 3
+#define CIN_ACT_GELU 4
+#define CIN_ACT_GELU_TANH 5
 
 namespace cin {
 
@@ -173,10 +205,12 @@ CIN_DEV unsigned long long load_batch(const T* __restrict__ p, const Window<T, I
     return bits;
 }
 
-/* Writes the elements whose valid bit is set (see load_batch). */
+/* Writes the elements whose valid bit is set (see load_batch), plus the same elements of r
+ * when r is not null (the residual: r has p's layout, and p's address modulo 16), read slot by
+ * slot as the slots are stored. */
 template <typename T, int U, typename I>
-CIN_DEV void store_batch(T* __restrict__ p, const Window<T, I>& w, I s, I stride,
-                         unsigned long long bits, const T (&v)[U][Vec<T>::n])
+CIN_DEV void store_batch(T* __restrict__ p, const T* __restrict__ r, const Window<T, I>& w,
+                         I s, I stride, unsigned long long bits, const T (&v)[U][Vec<T>::n])
 {
     constexpr int n = Vec<T>::n;
     constexpr unsigned slot_ones = (1u << n) - 1;
@@ -185,11 +219,20 @@ CIN_DEV void store_batch(T* __restrict__ p, const Window<T, I>& w, I s, I stride
         const I e0 = w.first(s + u * stride);
         const unsigned in = (unsigned)(bits >> (u * n)) & slot_ones;
         if (w.vec && in == slot_ones) {
-            vstore(p + e0, v[u]);
+            T o[n];
+#pragma unroll
+            for (int j = 0; j < n; ++j) o[j] = v[u][j];
+            if (r) {
+                T q[n];
+                vload(r + e0, q);
+#pragma unroll
+                for (int j = 0; j < n; ++j) o[j] += q[j];
+            }
+            vstore(p + e0, o);
         } else {
 #pragma unroll
             for (int j = 0; j < n; ++j)
-                if ((in >> j) & 1u) __stcs(p + e0 + j, v[u][j]);
+                if ((in >> j) & 1u) __stcs(p + e0 + j, r ? v[u][j] + __ldg(r + e0 + j) : v[u][j]);
         }
     }
 }
@@ -281,6 +324,16 @@ struct Normalize {
     CIN_DEV T operator()(T x) const { return (x - k) * a + b; }
 };
 
+/* Normalize with plane p's weight and bias (null: 1 and 0). */
+template <typename T>
+CIN_DEV Normalize<T> plane_normalize(double mean, double rstd, const double* __restrict__ weight,
+                                     long long w_ns, const double* __restrict__ bias,
+                                     long long b_ns, long long C, long long p)
+{
+    return Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
+                        plane_param(bias, b_ns, C, p, 0.0));
+}
+
 /* dx = a*dy + b*(x - k) + c with instance statistics (SPEC.md, Backward, rearranged per plane);
  * dx = a*dy with fixed statistics, which never reads x (a NaN in x must not leak into dx). */
 template <typename T>
@@ -307,6 +360,113 @@ struct Grad {
     CIN_DEV T operator()(T dy, T x) const
     {
         return input_stats ? a * dy + b * (x - k) + c : a * dy;
+    }
+};
+
+/* ---- the fused activation (see the header) ---------------------------------------------- */
+
+CIN_DEV float act_exp(float t) { return expf(t); }
+CIN_DEV double act_exp(double t) { return exp(t); }
+CIN_DEV float act_erf(float t) { return erff(t); }
+CIN_DEV double act_erf(double t) { return erf(t); }
+CIN_DEV float act_tanh(float t) { return tanhf(t); }
+CIN_DEV double act_tanh(double t) { return tanh(t); }
+
+/* act(t) and dy * act'(t) by code, in T: the formulas of cin_act and cin_act_grad in
+ * src/cinstnorm_kernels_impl.h (ReLU and LeakyReLU pass dy where t > 0, as torch does).  The
+ * code is selected per element (a uniform branch): a switch per batch instead, with one
+ * straight-line loop per activation, let ptxas interleave a batch's libm calls into twice the
+ * registers (up to 220 in the chunk kernels) or spill. */
+template <typename T>
+struct Activation {
+    int code;
+    T s;  // LeakyReLU's negative slope
+
+    CIN_DEV Activation(long long act, double slope) : code((int)act), s((T)slope) {}
+
+    CIN_DEV T operator()(T t) const
+    {
+        switch (code) {
+        case CIN_ACT_RELU: return t < T(0) ? T(0) : t;  // keeps NaN
+        case CIN_ACT_LEAKY_RELU: return t < T(0) ? t * s : t;
+        case CIN_ACT_SILU: return t / (T(1) + act_exp(-t));
+        case CIN_ACT_GELU: return T(0.5) * t * (T(1) + act_erf(t * T(0.70710678118654752440)));
+        case CIN_ACT_GELU_TANH: {
+            const T u = T(0.79788456080286535588) * (t + T(0.044715) * t * t * t);
+            return T(0.5) * t * (T(1) + act_tanh(u));
+        }
+        default: return t;
+        }
+    }
+
+    CIN_DEV T grad(T t, T dy) const
+    {
+        switch (code) {
+        case CIN_ACT_RELU: return t > T(0) ? dy : T(0);
+        case CIN_ACT_LEAKY_RELU: return t > T(0) ? dy : dy * s;
+        case CIN_ACT_SILU: {
+            const T sg = T(1) / (T(1) + act_exp(-t));
+            return dy * (sg * (T(1) + t * (T(1) - sg)));
+        }
+        case CIN_ACT_GELU: {
+            const T cdf = T(0.5) * (T(1) + act_erf(t * T(0.70710678118654752440)));
+            const T pdf = act_exp(T(-0.5) * t * t) * T(0.39894228040143267794);
+            return dy * (cdf + t * pdf);
+        }
+        case CIN_ACT_GELU_TANH: {  // torch's GeluBackward, approximate='tanh'
+            const T kb = T(0.79788456080286535588), kk = T(0.044715);
+            const T t2 = t * t, th = act_tanh(kb * (t + kk * t2 * t));
+            const T left = T(0.5) * t, right = T(1) + th;
+            const T dright = left * (T(1) - th * th) * kb * (T(1) + T(3) * kk * t2);
+            return dy * (T(0.5) * right + dright);
+        }
+        default: return dy;
+        }
+    }
+};
+
+/* The forward's elementwise map of a batch: v <- act((v - k) * a + b); ACT false: no
+ * activation (the code is never read, so those kernels hold no activation code at all). */
+template <typename T, int S, bool ACT>
+CIN_DEV void normalize_registers(T (&v)[S][Vec<T>::n], const Normalize<T>& f,
+                                 const Activation<T>& act)
+{
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+#pragma unroll
+        for (int j = 0; j < Vec<T>::n; ++j) v[u][j] = ACT ? act(f(v[u][j])) : f(v[u][j]);
+    }
+}
+
+/* The residual of the plane at offset off, or null (none, or a plain kernel: FUSED false). */
+template <bool FUSED, typename T>
+CIN_DEV const T* plane_residual(const T* residual, long long off)
+{
+    return FUSED && residual ? residual + off : nullptr;
+}
+
+/* The backward's dy -> g = dy * act'(t), t = the forward's pre-activation recomputed from x
+ * (the forward's Normalize from the same mean, rstd, weight and bias, so bitwise its t).
+ * ACT false: g = dy. */
+template <typename T, bool ACT>
+struct ActGrad {
+    Normalize<T> pre;
+    Activation<T> act;
+
+    CIN_DEV ActGrad(double mean, double rstd, double w, double bias, long long code,
+                    double slope)
+        : pre(mean, rstd, w, bias), act(code, slope) {}
+
+    template <int S>
+    CIN_DEV void operator()(T (&g)[S][Vec<T>::n], const T (&v)[S][Vec<T>::n]) const
+    {
+        if constexpr (ACT) {
+#pragma unroll
+            for (int u = 0; u < S; ++u) {
+#pragma unroll
+                for (int j = 0; j < Vec<T>::n; ++j) g[u][j] = act.grad(pre(v[u][j]), g[u][j]);
+            }
+        }
     }
 };
 
@@ -372,15 +532,6 @@ CIN_DEV void register_stats(const Sum& sum, T (&v)[S][Vec<T>::n], unsigned long 
     var = clamp_m2(s2[1] - s2[0] * s2[0] * inv_l) * inv_l;
 }
 
-template <typename T, int S>
-CIN_DEV void normalize_registers(T (&v)[S][Vec<T>::n], const Normalize<T>& f)
-{
-#pragma unroll
-    for (int u = 0; u < S; ++u) {
-#pragma unroll
-        for (int j = 0; j < Vec<T>::n; ++j) v[u][j] = f(v[u][j]);
-    }
-}
 
 /* dy <- dx of the batch. */
 template <typename T, int S>
@@ -409,21 +560,24 @@ CIN_DEV void grad_sums(const T (&g)[S][Vec<T>::n], const T (&v)[S][Vec<T>::n], T
     }
 }
 
-/* Backward of one plane from registers: dx, and sum(dy), sum(dy * (x - mean)) * rstd written
- * by the thread with `leader` set (before dx, so that they hold no registers meanwhile). */
-template <typename T, int S, class Sum>
+/* Backward of one plane from registers: dx, and sum(g), sum(g * (x - mean)) * rstd written
+ * by the thread with `leader` set (before dx, so that they hold no registers meanwhile);
+ * g = dy, or dy * act'(t) (see ActGrad; elements outside the plane, loaded as dy = 0 and
+ * x = k, give g = 0). */
+template <typename T, int S, bool ACT, class Sum>
 CIN_DEV void register_backward(const Sum& sum, const T* __restrict__ dyp,
                                const T* __restrict__ xp, T* __restrict__ dxp,
                                const Window<T, int>& w, int first, int stride,
                                double inv_l, double mean, double rstd, double wt,
-                               bool input_stats, bool leader, double* __restrict__ sum_dy,
-                               double* __restrict__ sum_dy_xhat)
+                               const ActGrad<T, ACT>& act, bool input_stats, bool leader,
+                               double* __restrict__ sum_dy, double* __restrict__ sum_dy_xhat)
 {
     constexpr int n = Vec<T>::n;
     const T k = (T)mean;
     T g[S][n], v[S][n];
     const unsigned long long bits = load_batch<T, S>(dyp, w, first, stride, T(0), g);
     load_batch<T, S>(xp, w, first, stride, k, v);
+    act(g, v);
     T a1[n] = {}, a2[n] = {};
     grad_sums<T, S>(g, v, k, a1, a2);
     double s[2] = {hsum<T>(a1), hsum<T>(a2)};
@@ -435,7 +589,7 @@ CIN_DEV void register_backward(const Sum& sum, const T* __restrict__ dyp,
         *sum_dy_xhat = sdyc * rstd;
     }
     grad_registers<T, S>(g, v, Grad<T>(mean, rstd, wt, sdy, sdyc, inv_l, input_stats));
-    store_batch<T, S>(dxp, w, first, stride, bits, g);
+    store_batch<T, S>(dxp, nullptr, w, first, stride, bits, g);
 }
 
 /* Mean and M2 of a plane from its chunks' (count, mean, M2) partials, the same in every block. */
@@ -458,14 +612,39 @@ CIN_DEV void merge_partials(const BlockSum& sum, const double* __restrict__ part
     m2 = c[0];
 }
 
+/* The per-plane parameters of a backward kernel for plane p. */
+struct BackwardParams {
+    double mean, rstd, w, b;
+
+    CIN_DEV BackwardParams(const double* __restrict__ mean_p, long long m_ns,
+                           const double* __restrict__ rstd_p, long long r_ns,
+                           const double* __restrict__ weight, long long w_ns,
+                           const double* __restrict__ bias, long long b_ns, long long C,
+                           long long p)
+        : mean(plane_param(mean_p, m_ns, C, p, 0.0)),
+          rstd(plane_param(rstd_p, r_ns, C, p, 1.0)),
+          w(plane_param(weight, w_ns, C, p, 1.0)),
+          b(plane_param(bias, b_ns, C, p, 0.0)) {}
+
+    template <typename T, bool ACT>
+    CIN_DEV ActGrad<T, ACT> act_grad(long long act, double slope) const
+    {
+        return ActGrad<T, ACT>(mean, rstd, w, b, act, slope);
+    }
+};
+
 }  // namespace cin
 
 /* ==== forward: instance statistics, or given ones (eval) ================================== */
 
+/* Every forward kernel writes y = act((x - k) * alpha + beta) + residual: act by code,
+ * residual null or a (P, L) array like y.  FUSED false: the plain y = (x - k) * alpha + beta
+ * (residual, act and slope are not read). */
+
 /* Group regime.  Plane p = t / group for global thread t; lane r of a group owns slots
  * r, r + group, ..., r + (S-1)*group.  fixed_mean != null: normalize with the given mean and
  * var (eval) instead of the plane's statistics.  The stats outputs may be null. */
-template <typename T, int S>
+template <typename T, int S, bool FUSED>
 __global__ void __launch_bounds__(CIN_GROUP_THREADS)
 cin_fwd_group(const T* __restrict__ x, T* __restrict__ y, long long P, long long L, long long C,
               long long group, long long vec,
@@ -474,7 +653,8 @@ cin_fwd_group(const T* __restrict__ x, T* __restrict__ y, long long P, long long
               const double* __restrict__ fixed_mean, long long m_ns,
               const double* __restrict__ fixed_var, long long v_ns, double eps,
               double* __restrict__ mean_out, double* __restrict__ var_out,
-              double* __restrict__ rstd_out)
+              double* __restrict__ rstd_out, const T* __restrict__ residual, long long act,
+              double slope)
 {
     using namespace cin;
     constexpr int n = Vec<T>::n;
@@ -501,19 +681,21 @@ cin_fwd_group(const T* __restrict__ x, T* __restrict__ y, long long P, long long
         var_out[p] = var;
         rstd_out[p] = rstd;
     }
-    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, q, 1.0),
-                                              plane_param(bias, b_ns, C, q, 0.0)));
-    store_batch<T, S>(y + q * L, w, first, G, bits, v);
+    const Normalize<T> f = plane_normalize<T>(mean, rstd, weight, w_ns, bias, b_ns, C, q);
+    normalize_registers<T, S, FUSED>(v, f, Activation<T>(act, slope));
+    store_batch<T, S>(y + q * L, plane_residual<FUSED>(residual, q * L), w, first, G,
+                      bits, v);
 }
 
 /* Block regime: block p normalizes plane p; thread t owns slots t, t + blockDim.x, ... */
-template <typename T, int S>
-__global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS, CIN_BLOCK_MIN_BLOCKS(S))
+template <typename T, int S, bool FUSED>
+__global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS, CIN_BLOCK_MIN_BLOCKS(S, FUSED))
 cin_fwd_block(const T* __restrict__ x, T* __restrict__ y, long long L, long long C, long long vec,
               const double* __restrict__ weight, long long w_ns,
               const double* __restrict__ bias, long long b_ns, double eps,
               double* __restrict__ mean_out, double* __restrict__ var_out,
-              double* __restrict__ rstd_out)
+              double* __restrict__ rstd_out, const T* __restrict__ residual, long long act,
+              double slope)
 {
     using namespace cin;
     constexpr int n = Vec<T>::n;
@@ -533,9 +715,10 @@ cin_fwd_block(const T* __restrict__ x, T* __restrict__ y, long long L, long long
         var_out[p] = var;
         rstd_out[p] = rstd;
     }
-    normalize_registers<T, S>(v, Normalize<T>(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
-                                              plane_param(bias, b_ns, C, p, 0.0)));
-    store_batch<T, S>(y + p * L, w, first, stride, bits, v);
+    const Normalize<T> f = plane_normalize<T>(mean, rstd, weight, w_ns, bias, b_ns, C, p);
+    normalize_registers<T, S, FUSED>(v, f, Activation<T>(act, slope));
+    store_batch<T, S>(y + p * L, plane_residual<FUSED>(residual, p * L), w, first, stride,
+                      bits, v);
 }
 
 /* Chunk regime, kernel A: block b = p * chunks + j writes part[3b..3b+2] = (count, mean, M2) of
@@ -580,8 +763,8 @@ cin_fwd_chunk_stats(const T* __restrict__ x, long long L, long long chunks,
  * block b = p * chunks + j normalizes chunk j of plane p, with the plane's statistics merged
  * from part (part != null) or the given fixed_mean/fixed_var.  Block j == 0 writes the plane's
  * statistics when mean_out != null. */
-template <typename T>
-__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+template <typename T, bool FUSED>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS, CIN_CHUNK_MIN_BLOCKS(FUSED))
 cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long long C,
                    long long chunks, long long chunk_slots, long long vec,
                    const double* __restrict__ part,
@@ -590,7 +773,8 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
                    const double* __restrict__ weight, long long w_ns,
                    const double* __restrict__ bias, long long b_ns, double eps,
                    double* __restrict__ mean_out, double* __restrict__ var_out,
-                   double* __restrict__ rstd_out)
+                   double* __restrict__ rstd_out, const T* __restrict__ residual, long long act,
+                   double slope)
 {
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
@@ -599,6 +783,7 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
     const long long b = blockIdx.x, p = b / chunks, j = b % chunks;
     const T* xp = x + p * L;
     T* yp = y + p * L;
+    const T* rp = plane_residual<FUSED>(residual, p * L);
     long long s0, s1;
     const Window<T, long long> w = chunk_window(xp, L, vec, j, chunk_slots, s0, s1);
     long long s = s0 + threadIdx.x;
@@ -614,16 +799,16 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
         var = plane_param(fixed_var, v_ns, C, p, 1.0);
     }
     const double rstd = 1.0 / sqrt(var + eps);
-    const Normalize<T> f(mean, rstd, plane_param(weight, w_ns, C, p, 1.0),
-                         plane_param(bias, b_ns, C, p, 0.0));
+    const Normalize<T> f = plane_normalize<T>(mean, rstd, weight, w_ns, bias, b_ns, C, p);
+    const Activation<T> fa(act, slope);
     if (j == 0 && threadIdx.x == 0 && mean_out) {
         mean_out[p] = mean;
         var_out[p] = var;
         rstd_out[p] = rstd;
     }
     for (;;) {
-        normalize_registers<T, U>(v, f);
-        store_batch<T, U>(yp, w, s, bd, bits, v);
+        normalize_registers<T, U, FUSED>(v, f, fa);
+        store_batch<T, U>(yp, rp, w, s, bd, bits, v);
         s += U * bd;
         if (s >= s1) break;
         bits = load_batch<T, U>(xp, w, s, bd, T(0), v);
@@ -632,16 +817,21 @@ cin_fwd_chunk_norm(const T* __restrict__ x, T* __restrict__ y, long long L, long
 
 /* ==== backward =========================================================================== *
  * mean, rstd: the forward's per-plane statistics (or the running ones, input_stats == 0).
- * Outputs: dx, sum_dy[p] = sum(dy), sum_dy_xhat[p] = sum(dy * (x - mean)) * rstd. */
+ * Outputs: dx, sum_dy[p] = sum(g), sum_dy_xhat[p] = sum(g * (x - mean)) * rstd, where g = dy,
+ * or with FUSED (an activation) g = dy * act'(t): t = (x - k) * alpha + beta, the forward's
+ * pre-activation from mean, rstd, weight and bias (bias is read only for it), act by code and
+ * slope.  g takes dy's place everywhere, in the sums and in dx. */
 
-template <typename T, int S>
+template <typename T, int S, bool FUSED>
 __global__ void __launch_bounds__(CIN_GROUP_THREADS)
 cin_bwd_group(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
               long long P, long long L, long long C, long long group, long long vec,
               const double* __restrict__ mean_p, long long m_ns,
               const double* __restrict__ rstd_p, long long r_ns,
-              const double* __restrict__ weight, long long w_ns, long long input_stats,
-              double* __restrict__ sum_dy, double* __restrict__ sum_dy_xhat)
+              const double* __restrict__ weight, long long w_ns,
+              const double* __restrict__ bias, long long b_ns, long long act, double slope,
+              long long input_stats, double* __restrict__ sum_dy,
+              double* __restrict__ sum_dy_xhat)
 {
     using namespace cin;
     const int G = (int)group;
@@ -651,45 +841,48 @@ cin_bwd_group(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__
     const long long off = q * L;
     const Window<T, int> w = plane_window(x + off, active ? (int)L : 0, vec);
     const int first = threadIdx.x & (G - 1);
-    register_backward<T, S>(GroupSum{G}, dy + off, x + off, dx + off, w, first, G,
-                            1.0 / (double)L, plane_param(mean_p, m_ns, C, q, 0.0),
-                            plane_param(rstd_p, r_ns, C, q, 1.0),
-                            plane_param(weight, w_ns, C, q, 1.0), input_stats != 0,
-                            active && first == 0, sum_dy + q, sum_dy_xhat + q);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, q);
+    register_backward<T, S, FUSED>(GroupSum{G}, dy + off, x + off, dx + off, w, first, G,
+                                 1.0 / (double)L, prm.mean, prm.rstd, prm.w,
+                                 prm.act_grad<T, FUSED>(act, slope), input_stats != 0,
+                                 active && first == 0, sum_dy + q, sum_dy_xhat + q);
 }
 
-template <typename T, int S>
+template <typename T, int S, bool FUSED>
 __global__ void __launch_bounds__(CIN_BLOCK_MAX_THREADS)
 cin_bwd_block(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
               long long L, long long C, long long vec,
               const double* __restrict__ mean_p, long long m_ns,
               const double* __restrict__ rstd_p, long long r_ns,
-              const double* __restrict__ weight, long long w_ns, long long input_stats,
-              double* __restrict__ sum_dy, double* __restrict__ sum_dy_xhat)
+              const double* __restrict__ weight, long long w_ns,
+              const double* __restrict__ bias, long long b_ns, long long act, double slope,
+              long long input_stats, double* __restrict__ sum_dy,
+              double* __restrict__ sum_dy_xhat)
 {
     using namespace cin;
     __shared__ double buf[64];
     const long long p = blockIdx.x, off = p * L;
     const Window<T, int> w = plane_window(x + off, (int)L, vec);
-    register_backward<T, S>(BlockSum{buf}, dy + off, x + off, dx + off, w, (int)threadIdx.x,
-                            (int)blockDim.x, 1.0 / (double)L,
-                            plane_param(mean_p, m_ns, C, p, 0.0),
-                            plane_param(rstd_p, r_ns, C, p, 1.0),
-                            plane_param(weight, w_ns, C, p, 1.0), input_stats != 0,
-                            threadIdx.x == 0, sum_dy + p, sum_dy_xhat + p);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p);
+    register_backward<T, S, FUSED>(BlockSum{buf}, dy + off, x + off, dx + off, w,
+                                 (int)threadIdx.x, (int)blockDim.x, 1.0 / (double)L, prm.mean,
+                                 prm.rstd, prm.w, prm.act_grad<T, FUSED>(act, slope),
+                                 input_stats != 0, threadIdx.x == 0, sum_dy + p,
+                                 sum_dy_xhat + p);
 }
 
-/* Chunk regime, kernel A: part[2b], part[2b+1] = sum(dy), sum(dy * (x - k)) of chunk j of
- * plane p (b = p * chunks + j, k = mean rounded to T).  With fixed statistics dx = w*rstd*dy
+/* Chunk regime, kernel A: part[2b], part[2b+1] = sum(g), sum(g * (x - k)) of chunk j of
+ * plane p (b = p * chunks + j, k = mean rounded to T).  With fixed statistics dx = w*rstd*g
  * needs no sums, so this kernel also writes dx, and kernel B only merges the sums. */
-template <typename T>
-__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+template <typename T, bool FUSED>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS, CIN_CHUNK_MIN_BLOCKS(FUSED))
 cin_bwd_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                    long long L, long long C, long long chunks, long long chunk_slots,
                    long long vec, const double* __restrict__ mean_p, long long m_ns,
                    const double* __restrict__ rstd_p, long long r_ns,
-                   const double* __restrict__ weight, long long w_ns, long long input_stats,
-                   double* __restrict__ part)
+                   const double* __restrict__ weight, long long w_ns,
+                   const double* __restrict__ bias, long long b_ns, long long act, double slope,
+                   long long input_stats, double* __restrict__ part)
 {
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
@@ -698,19 +891,20 @@ cin_bwd_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, T* __restr
     const long long b = blockIdx.x, p = b / chunks, j = b % chunks, off = p * L;
     long long s0, s1;
     const Window<T, long long> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
-    const double mean = plane_param(mean_p, m_ns, C, p, 0.0);
-    const T k = (T)mean;
-    const Grad<T> f(mean, plane_param(rstd_p, r_ns, C, p, 1.0),
-                    plane_param(weight, w_ns, C, p, 1.0), 0.0, 0.0, 0.0, false);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p);
+    const T k = (T)prm.mean;
+    const Grad<T> f(prm.mean, prm.rstd, prm.w, 0.0, 0.0, 0.0, false);
+    const ActGrad<T, FUSED> ag = prm.act_grad<T, FUSED>(act, slope);
     T a1[n] = {}, a2[n] = {};
     for (long long s = s0 + threadIdx.x; s < s1; s += U * bd) {
         T g[U][n], v[U][n];
         const unsigned long long bits = load_batch<T, U>(dy + off, w, s, bd, T(0), g);
         load_batch<T, U>(x + off, w, s, bd, k, v);
+        ag(g, v);  // outside the chunk: dy = 0, x = k, so g = 0
         grad_sums<T, U>(g, v, k, a1, a2);
         if (!input_stats) {
             grad_registers<T, U>(g, v, f);
-            store_batch<T, U>(dx + off, w, s, bd, bits, g);
+            store_batch<T, U>(dx + off, nullptr, w, s, bd, bits, g);
         }
     }
     double s[2] = {hsum<T>(a1), hsum<T>(a2)};
@@ -724,15 +918,16 @@ cin_bwd_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, T* __restr
 /* Chunk regime, kernel B: merges the plane's partial sums (the same in every block) and, with
  * instance statistics, computes dx of chunk j.  Grid: P * chunks blocks with instance
  * statistics, P blocks with fixed ones (dx is already written). */
-template <typename T>
-__global__ void __launch_bounds__(CIN_CHUNK_THREADS)
+template <typename T, bool FUSED>
+__global__ void __launch_bounds__(CIN_CHUNK_THREADS, CIN_CHUNK_MIN_BLOCKS(FUSED))
 cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                  long long L, long long C, long long chunks, long long chunk_slots,
                  long long vec, const double* __restrict__ mean_p, long long m_ns,
                  const double* __restrict__ rstd_p, long long r_ns,
-                 const double* __restrict__ weight, long long w_ns, long long input_stats,
-                 const double* __restrict__ part, double* __restrict__ sum_dy,
-                 double* __restrict__ sum_dy_xhat)
+                 const double* __restrict__ weight, long long w_ns,
+                 const double* __restrict__ bias, long long b_ns, long long act, double slope,
+                 long long input_stats, const double* __restrict__ part,
+                 double* __restrict__ sum_dy, double* __restrict__ sum_dy_xhat)
 {
     using namespace cin;
     constexpr int n = Vec<T>::n, U = CIN_CHUNK_UNROLL;
@@ -742,8 +937,8 @@ cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restric
     const long long b = blockIdx.x, p = b / per_plane, j = b % per_plane, off = p * L;
     long long s0, s1;
     const Window<T, long long> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
-    const double mean = plane_param(mean_p, m_ns, C, p, 0.0);
-    const double rstd = plane_param(rstd_p, r_ns, C, p, 1.0);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p);
+    const double mean = prm.mean, rstd = prm.rstd;
     long long s = s0 + threadIdx.x;
     T g[U][n] = {}, v[U][n] = {};
     unsigned long long bits = 0;
@@ -765,11 +960,12 @@ cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restric
         sum_dy_xhat[p] = sdyc * rstd;
     }
     if (!input_stats) return;
-    const Grad<T> f(mean, rstd, plane_param(weight, w_ns, C, p, 1.0), sdy, sdyc,
-                    1.0 / (double)L, true);
+    const Grad<T> f(mean, rstd, prm.w, sdy, sdyc, 1.0 / (double)L, true);
+    const ActGrad<T, FUSED> ag = prm.act_grad<T, FUSED>(act, slope);
     for (;;) {
+        ag(g, v);  // dy is read again here: the same g as kernel A's
         grad_registers<T, U>(g, v, f);
-        store_batch<T, U>(dx + off, w, s, bd, bits, g);
+        store_batch<T, U>(dx + off, nullptr, w, s, bd, bits, g);
         s += U * bd;
         if (s >= s1) break;
         bits = load_batch<T, U>(dy + off, w, s, bd, T(0), g);

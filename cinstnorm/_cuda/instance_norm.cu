@@ -48,16 +48,17 @@
  * residual (null: none) is a (P, L) array of T like y, read slot by slot as y is stored; its
  * gradient is dy itself, so the backward never sees it.  Activation codes are those of
  * cinstnorm._validation.ACTIVATIONS and src/cinstnorm_kernels.h (CIN_ACT_* below), with the
- * formulas of the CPU's cin_act / cin_act_grad, in T (expf/erff/tanhf for float, exp/erf/tanh
- * for double).  Instantiations: a template bool FUSED on each kernel that normalizes or reads
- * dy (forward: an activation or a residual; backward: an activation), with the code, the
+ * formulas of the CPU's cin_act / cin_act_grad, in T (expf/erff for float, exp/erf for double,
+ * where the CPU's GELU has a vector normal CDF; SiLU and GELU-tanh through sigmoids, as the
+ * CPU's vector forms).  Instantiations: a template bool FUSED on each kernel that normalizes or
+ * reads dy (forward: an activation or a residual; backward: an activation), with the code, the
  * slope and the residual pointer as runtime arguments.  FUSED = false is the plain kernel,
- * which reads none of them (no activation code, no residual loads, the registers of before);
+ * which reads none of them (no activation code, no residual loads, within 2 registers of before);
  * FUSED = true selects the code per element on a uniform value, which costs next to nothing
  * beside the libm calls of SiLU and the GELUs, and keeps the instantiations at two per kernel
- * instead of six or twelve.  _gpu.py compiles the FUSED ones as a second module per C type,
- * on the first call that needs them, so a plain call pays no NVRTC time for them; their
- * forward block regime has 8 slots per thread only (16 slots beside the residual spill).
+ * instead of six or twelve.  _gpu.py compiles the FUSED ones as a second module per C type, on
+ * the first call that needs them, so a plain call pays no NVRTC time for them; their forward
+ * block regime has 8 slots per thread only (16 slots beside the residual spill).
  */
 
 #define CIN_DEV __device__ __forceinline__
@@ -369,14 +370,29 @@ CIN_DEV float act_exp(float t) { return expf(t); }
 CIN_DEV double act_exp(double t) { return exp(t); }
 CIN_DEV float act_erf(float t) { return erff(t); }
 CIN_DEV double act_erf(double t) { return erf(t); }
-CIN_DEV float act_tanh(float t) { return tanhf(t); }
-CIN_DEV double act_tanh(double t) { return tanh(t); }
+
+/* 1 - sigmoid(t) without cancellation, from sg = sigmoid(t) and e = exp(-t): e * sg where
+ * t >= 0 (1 - sg loses the digits as sg -> 1), 1 - sg below (cin_vsigmoid_c of cin_vmath.h). */
+template <typename T>
+CIN_DEV T sigmoid_c(T t, T sg, T e)
+{
+    return t >= T(0) ? e * sg : T(1) - sg;
+}
+
+/* GELU-tanh's 2u = 2 sqrt(2/pi) (t + 0.044715 t^3): 0.5 t (1 + tanh u) = t * sigmoid(2u). */
+template <typename T>
+CIN_DEV T gelu_tanh_u2(T t)
+{
+    return T(2 * 0.79788456080286535588) * (t + T(0.044715) * t * t * t);
+}
 
 /* act(t) and dy * act'(t) by code, in T: the formulas of cin_act and cin_act_grad in
- * src/cinstnorm_kernels_impl.h (ReLU and LeakyReLU pass dy where t > 0, as torch does).  The
- * code is selected per element (a uniform branch): a switch per batch instead, with one
- * straight-line loop per activation, let ptxas interleave a batch's libm calls into twice the
- * registers (up to 220 in the chunk kernels) or spill. */
+ * src/cinstnorm_kernels_impl.h and src/cin_vmath.h, GELU with erf (ReLU and LeakyReLU pass
+ * dy where t > 0, as torch does; SiLU and GELU-tanh through sigmoids, so GELU-tanh has no
+ * cancellation in 1 + tanh u for t << 0).  The code is selected per element (a uniform
+ * branch): a switch per batch instead, with one straight-line loop per activation, let ptxas
+ * interleave a batch's libm calls into twice the registers (up to 220 in the chunk kernels)
+ * or spill. */
 template <typename T>
 struct Activation {
     int code;
@@ -391,10 +407,7 @@ struct Activation {
         case CIN_ACT_LEAKY_RELU: return t < T(0) ? t * s : t;
         case CIN_ACT_SILU: return t / (T(1) + act_exp(-t));
         case CIN_ACT_GELU: return T(0.5) * t * (T(1) + act_erf(t * T(0.70710678118654752440)));
-        case CIN_ACT_GELU_TANH: {
-            const T u = T(0.79788456080286535588) * (t + T(0.044715) * t * t * t);
-            return T(0.5) * t * (T(1) + act_tanh(u));
-        }
+        case CIN_ACT_GELU_TANH: return t / (T(1) + act_exp(-gelu_tanh_u2(t)));
         default: return t;
         }
     }
@@ -404,21 +417,19 @@ struct Activation {
         switch (code) {
         case CIN_ACT_RELU: return t > T(0) ? dy : T(0);
         case CIN_ACT_LEAKY_RELU: return t > T(0) ? dy : dy * s;
-        case CIN_ACT_SILU: {
-            const T sg = T(1) / (T(1) + act_exp(-t));
-            return dy * (sg * (T(1) + t * (T(1) - sg)));
+        case CIN_ACT_SILU: {  // sg (1 + t (1 - sg))
+            const T e = act_exp(-t), sg = T(1) / (T(1) + e);
+            return dy * (sg * (T(1) + t * sigmoid_c(t, sg, e)));
         }
         case CIN_ACT_GELU: {
             const T cdf = T(0.5) * (T(1) + act_erf(t * T(0.70710678118654752440)));
             const T pdf = act_exp(T(-0.5) * t * t) * T(0.39894228040143267794);
             return dy * (cdf + t * pdf);
         }
-        case CIN_ACT_GELU_TANH: {  // torch's GeluBackward, approximate='tanh'
-            const T kb = T(0.79788456080286535588), kk = T(0.044715);
-            const T t2 = t * t, th = act_tanh(kb * (t + kk * t2 * t));
-            const T left = T(0.5) * t, right = T(1) + th;
-            const T dright = left * (T(1) - th * th) * kb * (T(1) + T(3) * kk * t2);
-            return dy * (T(0.5) * right + dright);
+        case CIN_ACT_GELU_TANH: {  // torch's GeluBackward, approximate='tanh', as t sigmoid(2u)
+            const T u2 = gelu_tanh_u2(t), e = act_exp(-u2), sg = T(1) / (T(1) + e);
+            return dy * (sg + T(2) * t * sg * sigmoid_c(u2, sg, e) * T(0.79788456080286535588)
+                              * (T(1) + T(3 * 0.044715) * t * t));
         }
         default: return dy;
         }
@@ -612,7 +623,8 @@ CIN_DEV void merge_partials(const BlockSum& sum, const double* __restrict__ part
     m2 = c[0];
 }
 
-/* The per-plane parameters of a backward kernel for plane p. */
+/* The per-plane parameters of a backward kernel for plane p; the bias only where the
+ * pre-activation needs it (act: the kernel's FUSED, so a plain kernel never reads it). */
 struct BackwardParams {
     double mean, rstd, w, b;
 
@@ -620,11 +632,11 @@ struct BackwardParams {
                            const double* __restrict__ rstd_p, long long r_ns,
                            const double* __restrict__ weight, long long w_ns,
                            const double* __restrict__ bias, long long b_ns, long long C,
-                           long long p)
+                           long long p, bool act)
         : mean(plane_param(mean_p, m_ns, C, p, 0.0)),
           rstd(plane_param(rstd_p, r_ns, C, p, 1.0)),
           w(plane_param(weight, w_ns, C, p, 1.0)),
-          b(plane_param(bias, b_ns, C, p, 0.0)) {}
+          b(act ? plane_param(bias, b_ns, C, p, 0.0) : 0.0) {}
 
     template <typename T, bool ACT>
     CIN_DEV ActGrad<T, ACT> act_grad(long long act, double slope) const
@@ -841,7 +853,8 @@ cin_bwd_group(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__
     const long long off = q * L;
     const Window<T, int> w = plane_window(x + off, active ? (int)L : 0, vec);
     const int first = threadIdx.x & (G - 1);
-    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, q);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, q,
+                             FUSED);
     register_backward<T, S, FUSED>(GroupSum{G}, dy + off, x + off, dx + off, w, first, G,
                                  1.0 / (double)L, prm.mean, prm.rstd, prm.w,
                                  prm.act_grad<T, FUSED>(act, slope), input_stats != 0,
@@ -863,7 +876,8 @@ cin_bwd_block(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__
     __shared__ double buf[64];
     const long long p = blockIdx.x, off = p * L;
     const Window<T, int> w = plane_window(x + off, (int)L, vec);
-    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p,
+                             FUSED);
     register_backward<T, S, FUSED>(BlockSum{buf}, dy + off, x + off, dx + off, w,
                                  (int)threadIdx.x, (int)blockDim.x, 1.0 / (double)L, prm.mean,
                                  prm.rstd, prm.w, prm.act_grad<T, FUSED>(act, slope),
@@ -891,7 +905,8 @@ cin_bwd_chunk_sums(const T* __restrict__ dy, const T* __restrict__ x, T* __restr
     const long long b = blockIdx.x, p = b / chunks, j = b % chunks, off = p * L;
     long long s0, s1;
     const Window<T, long long> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
-    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p,
+                             FUSED);
     const T k = (T)prm.mean;
     const Grad<T> f(prm.mean, prm.rstd, prm.w, 0.0, 0.0, 0.0, false);
     const ActGrad<T, FUSED> ag = prm.act_grad<T, FUSED>(act, slope);
@@ -937,7 +952,8 @@ cin_bwd_chunk_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restric
     const long long b = blockIdx.x, p = b / per_plane, j = b % per_plane, off = p * L;
     long long s0, s1;
     const Window<T, long long> w = chunk_window(x + off, L, vec, j, chunk_slots, s0, s1);
-    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p);
+    const BackwardParams prm(mean_p, m_ns, rstd_p, r_ns, weight, w_ns, bias, b_ns, C, p,
+                             FUSED);
     const double mean = prm.mean, rstd = prm.rstd;
     long long s = s0 + threadIdx.x;
     T g[U][n] = {}, v[U][n] = {};

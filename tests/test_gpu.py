@@ -738,6 +738,11 @@ class Backend:
     def asarray(self, a):
         return None if a is None else self.xp.asarray(np.ascontiguousarray(a))
 
+    def device(self, a):
+        """A host array uploaded; a device array as it is (its layout and offset kept: the
+        emulated device arrays are NumPy arrays too)."""
+        return self.asarray(a) if type(a) is np.ndarray else a
+
     def asnumpy(self, a):
         return a.get() if hasattr(a, "get") else np.asarray(a)
 
@@ -828,8 +833,8 @@ def test_boundary_cases_cover_every_regime(dtype, kind):
 def forward_and_check(backend, x, w=None, b=None, eps=1e-5, plan=None, tol_dtype=None):
     """_gpu.forward on a device copy of x, checked against the reference; returns launches."""
     backend.reset_launches()
-    y, mean, var, rstd = _gpu.forward(backend.asarray(x) if isinstance(x, np.ndarray) else x,
-                                      backend.asarray(w), backend.asarray(b), eps, plan=plan)
+    y, mean, var, rstd = _gpu.forward(backend.device(x), backend.asarray(w), backend.asarray(b),
+                                      eps, plan=plan)
     x_host = backend.asnumpy(x)
     ry, rmean, rrstd = ref.forward(x_host, w, b, eps)
     _, rvar = ref.plane_mean_var(x_host)
@@ -872,8 +877,7 @@ def test_backward_at_regime_boundaries(backend, rng, dtype, use_input_stats):
 def backward_and_check(backend, dy, x, mean, rstd, w, use_input_stats, plan=None):
     backend.reset_launches()
     dx, sdy, sdyx = _gpu.backward(
-        backend.asarray(dy) if isinstance(dy, np.ndarray) else dy,
-        backend.asarray(x) if isinstance(x, np.ndarray) else x,
+        backend.device(dy), backend.device(x),
         backend.asarray(np.ascontiguousarray(mean).reshape(-1)),
         backend.asarray(np.ascontiguousarray(rstd).reshape(-1)), backend.asarray(w),
         use_input_stats, plan=plan)

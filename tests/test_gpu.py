@@ -113,9 +113,11 @@ def _valid_plan(plan, kind, P, L, itemsize, head, fused=False):
         assert plan.chunks <= _gpu.MAX_CHUNKS
 
 
-@pytest.mark.parametrize("kind", ["forward", "fixed", "backward"])
+@pytest.mark.parametrize("kind, fused", [("forward", False), ("forward", True),
+                                         ("fixed", False), ("backward", False)])
 @pytest.mark.parametrize("itemsize", [4, 8])
-def test_every_plan_holds_every_slot(kind, itemsize):
+def test_every_plan_holds_every_slot(kind, fused, itemsize):
+    """fused: a forward with an activation or a residual (fewer block kernels)."""
     per = _gpu.VEC_BYTES // itemsize
     Ls = sorted({1, 2, 3, 7, 64, 255, 256, 257, 1000, 4096, 4097, 16384, 16385, 32768, 32769,
                  10 ** 5, 2 ** 20 + 3, 2 ** 26}
@@ -126,8 +128,8 @@ def test_every_plan_holds_every_slot(kind, itemsize):
         for P in (1, 3, 131, 132, 1000, 70000):
             for head in (0, per - 1):
                 for n_sm in (1, 80, 132):
-                    plan = _gpu.choose_plan(kind, P, L, itemsize, head, n_sm)
-                    _valid_plan(plan, kind, P, L, itemsize, head)
+                    plan = _gpu.choose_plan(kind, P, L, itemsize, head, n_sm, fused)
+                    _valid_plan(plan, kind, P, L, itemsize, head, fused)
 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
@@ -135,13 +137,21 @@ def test_regime_boundaries(itemsize):
     per = _gpu.VEC_BYTES // itemsize
     many = 10 * 132
 
-    def regime(kind, slots, P=many):
-        return _gpu.choose_plan(kind, P, slots * per, itemsize, 0, 132).regime
+    def regime(kind, slots, P=many, fused=False):
+        return _gpu.choose_plan(kind, P, slots * per, itemsize, 0, 132, fused).regime
 
     g = _gpu.GROUP_MAX_SLOTS
     assert [regime("forward", s) for s in (1, g, g + 1)] == ["group", "group", "block"]
     f = _gpu.FORWARD_BLOCK_MAX_SLOTS
     assert [regime("forward", s) for s in (f, f + 1)] == ["block", "chunk"]
+    # with an activation or a residual the forward block regime stops at 8 slots per thread
+    fused = _gpu.BLOCK_MAX_THREADS * max(_gpu.FUSED_FORWARD_BLOCK_SLOTS)
+    assert fused < f
+    assert [regime("forward", s, fused=True) for s in (g, g + 1, fused, fused + 1)] == \
+        ["group", "block", "block", "chunk"]
+    with pytest.raises(ValueError, match="cannot run"):  # the 16-slot kernel is not fused
+        _gpu._check_plan(_gpu.Plan("block", 16, _gpu.BLOCK_MAX_THREADS), "forward", f * per,
+                         itemsize, 0, True)
     b = _gpu.BACKWARD_BLOCK_MAX_SLOTS
     assert [regime("backward", s) for s in (g, g + 1, b, b + 1)] == \
         ["group", "block", "block", "chunk"]
@@ -259,7 +269,7 @@ class Emulator:
 
     def __init__(self):
         self.sigs = kernel_signatures()
-        self.launches = []
+        self.launches, self.names = [], []  # kernels, and their instantiations
 
     def kernel(self, device_id, ctype, name):
         base, targs = name.split("<", 1)
@@ -271,6 +281,7 @@ class Emulator:
 
         def launch(grid, block, args):
             self.launches.append(base)
+            self.names.append(name)
             a = self.bind(base, dtype, args)
             if fused is not None:  # a plain kernel ignores act and residual: none may be given
                 wanted = a.act != 0 or getattr(a, "residual", None) is not None
@@ -687,7 +698,7 @@ class HostKernels:
               4: "read outside the arrays", 8: "write outside the output arrays"}
 
     def __init__(self, lib, symbols):
-        self.lib, self.symbols, self.launches = lib, symbols, []
+        self.lib, self.symbols, self.launches, self.names = lib, symbols, [], []
         self.sigs = kernel_signatures()
 
     def kernel(self, device_id, ctype, name):
@@ -701,6 +712,7 @@ class HostKernels:
 
         def launch(grid, block, args):
             self.launches.append(name.split("<")[0])
+            self.names.append(name)
             held, ranges = [], []
             for a, (pname, kind, elem) in zip(args, params):
                 if a is None:
@@ -753,17 +765,20 @@ class Backend:
         view[...] = self.asarray(a)
         return view
 
+    def channels_last(self, base):
+        """A device array equal to ``base`` with the channel axis innermost in memory."""
+        last = (0,) + tuple(range(2, base.ndim)) + (1,)
+        return self.asarray(base.transpose(last)).transpose(
+            tuple(int(i) for i in np.argsort(last)))
+
     def layouts(self, base):
         """Device arrays equal to the C-contiguous ``base`` in several memory layouts."""
-        nd = base.ndim
-        last = (0,) + tuple(range(2, nd)) + (1,)
         rev = tuple(slice(None, None, -1) for _ in base.shape)
         big = np.full(tuple(2 * s + 1 for s in base.shape), np.nan, dtype=base.dtype)
         big[tuple(slice(1, None, 2) for _ in base.shape)] = base
         out = {
             "contiguous": self.asarray(base),
-            "channels_last": self.asarray(base.transpose(last)).transpose(
-                tuple(int(i) for i in np.argsort(last))),
+            "channels_last": self.channels_last(base),
             "fortran": self.asarray(base.T).T,
             "sliced": self.asarray(big)[tuple(slice(1, None, 2) for _ in base.shape)],
             "negative": self.asarray(base[rev])[rev],
@@ -775,9 +790,14 @@ class Backend:
     def launches(self):
         return None if self.emulator is None else list(self.emulator.launches)
 
+    def launched_names(self):
+        """The kernel instantiations launched since the last reset (None on a device)."""
+        return None if self.emulator is None else list(self.emulator.names)
+
     def reset_launches(self):
         if self.emulator is not None:
             self.emulator.launches.clear()
+            self.emulator.names.clear()
 
 
 @pytest.fixture(params=["emulated", "host", pytest.param("cuda", marks=on_device)])
@@ -830,14 +850,23 @@ def test_boundary_cases_cover_every_regime(dtype, kind):
     assert _regimes_seen(boundary_cases(dtype, kind), kind, dtype) == {"group", "block", "chunk"}
 
 
-def forward_and_check(backend, x, w=None, b=None, eps=1e-5, plan=None, tol_dtype=None):
-    """_gpu.forward on a device copy of x, checked against the reference; returns launches."""
+# LeakyReLU's negative slope in the fused tests (not torch's default, so that it must be passed)
+SLOPE = 0.2
+
+
+def forward_and_check(backend, x, w=None, b=None, eps=1e-5, plan=None, tol_dtype=None,
+                      residual=None, act=0):
+    """_gpu.forward on a device copy of x (with the activation of code act, slope SLOPE, and a
+    device residual), checked against the reference; returns launches."""
     backend.reset_launches()
     y, mean, var, rstd = _gpu.forward(backend.device(x), backend.asarray(w), backend.asarray(b),
-                                      eps, plan=plan)
+                                      eps, plan=plan, residual=residual, act=act, slope=SLOPE)
     x_host = backend.asnumpy(x)
-    ry, rmean, rrstd = ref.forward(x_host, w, b, eps)
+    ry, rmean, rrstd = ref.forward_act(
+        x_host, w, b, eps, ref.ACTIVATIONS[act], SLOPE,
+        None if residual is None else backend.asnumpy(residual))
     _, rvar = ref.plane_mean_var(x_host)
+    assert stride_order(y) == stride_order(x)  # every caller's x is dense
     y = backend.asnumpy(y)
     assert y.dtype == x_host.dtype and y.shape == x_host.shape
     assert_close(y, ry, tol_dtype)
@@ -874,16 +903,20 @@ def test_backward_at_regime_boundaries(backend, rng, dtype, use_input_stats):
         backward_and_check(backend, dy, x, mean, rstd, w, use_input_stats)
 
 
-def backward_and_check(backend, dy, x, mean, rstd, w, use_input_stats, plan=None):
+def backward_and_check(backend, dy, x, mean, rstd, w, use_input_stats, plan=None, b=None,
+                       act=0):
+    """_gpu.backward (through the activation of code act, slope SLOPE, whose pre-activation
+    reads the bias b) checked against the reference."""
     backend.reset_launches()
     dx, sdy, sdyx = _gpu.backward(
         backend.device(dy), backend.device(x),
         backend.asarray(np.ascontiguousarray(mean).reshape(-1)),
         backend.asarray(np.ascontiguousarray(rstd).reshape(-1)), backend.asarray(w),
-        use_input_stats, plan=plan)
+        use_input_stats, plan=plan, bias=backend.asarray(b), act=act, slope=SLOPE)
     x_host, dy_host = backend.asnumpy(x), backend.asnumpy(dy)
-    rdx, rdw, rdb = ref.backward(dy_host, x_host, mean, rstd, np.ones(x_host.shape[1]) if w is None
-                                 else w, use_input_stats)
+    rdx, rdw, rdb = ref.backward_act(dy_host, x_host, mean, rstd,
+                                     np.ones(x_host.shape[1]) if w is None else w, b,
+                                     ref.ACTIVATIONS[act], SLOPE, use_input_stats)
     dx = backend.asnumpy(dx)
     assert dx.dtype == x_host.dtype and dx.shape == x_host.shape
     assert_close(dx, rdx, x_host.dtype, grad=True)
@@ -1064,6 +1097,112 @@ def test_emulated_backend_catches_uncovered_chunks(backend, rng, monkeypatch):
     monkeypatch.setattr(_gpu, "_check_plan", lambda *args: None)
     with pytest.raises(AssertionError):
         forward_and_check(backend, x, plan=short)
+
+
+# ---- the fused activation and residual in every regime (issue 14) ----------------------------
+
+# L = 333: a plane fits the group regime for both dtypes and splits into several chunks.
+FUSED_SHAPE = (2, 3, 9, 37)
+# (flag, affine, layout): flag is the residual (forward) or use_input_stats (backward).
+FUSED_COMBOS = [(flag, affine, layout) for flag in (False, True) for affine in (False, True)
+                for layout in ("nchw", "channels_last")]
+
+
+def fused_combos(backend, plan_index, plan, act):
+    """The FUSED_COMBOS to run with one forced plan: all of them, except on the host backend
+    (the kernel source on fibers: slow), where each plan runs the pair that differs only in
+    the flag, the affine parameters and the layout rotating with the plan and the activation,
+    and plans of many small chunks are left to the other backends (the chunk kernels' partial
+    slots at the plane's ends are in the plans of few chunks too)."""
+    if backend.name != "host":
+        return FUSED_COMBOS
+    if plan.regime == "chunk" and plan.chunks > 4:
+        return []
+    i = (plan_index + act) % 4
+    return [FUSED_COMBOS[i], FUSED_COMBOS[i + 4]]
+
+
+def fused_device(backend, a, layout):
+    """a on the device: NCHW, channels-last, or NCHW one element past an aligned address
+    ('offset': the kernels then read it element by element)."""
+    if layout == "channels_last":
+        return backend.channels_last(a)
+    return backend.offset(a, 1) if layout == "offset" else backend.asarray(a)
+
+
+def residual_layout(layout, affine):
+    """A residual layout other than x's: NCHW for channels-last x; for NCHW x channels-last
+    (converted to x's planes) or misaligned against x (no 16-byte access)."""
+    if layout == "channels_last":
+        return "nchw"
+    return "channels_last" if affine else "offset"
+
+
+def assert_fused_kernels(backend, fused):
+    """Every launched kernel that has a FUSED template flag has it as the call needs: true with
+    an activation (or a forward residual), false for a plain call (no check on a device)."""
+    names = backend.launched_names()
+    if names is None:
+        return
+    flags = {n[:-1].rsplit(",", 1)[1].strip() for n in names if "chunk_stats" not in n}
+    assert flags == {"true" if fused else "false"}, names
+
+
+@pytest.mark.parametrize("act", range(len(ref.ACTIVATIONS)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_forward_every_regime(backend, rng, dtype, act):
+    """y = act(xhat * w + b) + residual in every regime, with and without the residual and the
+    affine parameters, NCHW and channels-last x, the residual in another layout."""
+    x, r = make_x(rng, FUSED_SHAPE, dtype), make_x(rng, FUSED_SHAPE, dtype)
+    w, b = make_affine(rng, FUSED_SHAPE[1], dtype)
+    P, L = 6, x[0, 0].size
+    for i, plan in enumerate(forced_plans("forward", P, L, x.itemsize, fused=True)):
+        for residual, affine, layout in fused_combos(backend, i, plan, act):
+            xd = fused_device(backend, x, layout)
+            rd = fused_device(backend, r, residual_layout(layout, affine)) if residual else None
+            forward_and_check(backend, xd, *((w, b) if affine else (None, None)), plan=plan,
+                              residual=rd, act=act)
+            assert_fused_kernels(backend, act != 0 or residual)
+
+
+@pytest.mark.parametrize("act", range(len(ref.ACTIVATIONS)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_backward_every_regime(backend, rng, dtype, act):
+    """dx, sum(g) and sum(g * xhat) with g = dy * act'(t), t recomputed from x, the statistics,
+    the weight and the bias, in every regime (both chunk kernels read dy), with instance and
+    running statistics, with and without the affine parameters, NCHW and channels-last."""
+    x, dy = make_x(rng, FUSED_SHAPE, dtype), rng.standard_normal(FUSED_SHAPE).astype(dtype)
+    N, C = FUSED_SHAPE[:2]
+    w, b = make_affine(rng, C, dtype)
+    stats = {True: ref.instance_stats(x),
+             False: (np.broadcast_to(rng.normal(size=C), (N, C)),
+                     np.broadcast_to(rng.uniform(0.5, 2.0, C), (N, C)))}
+    for i, plan in enumerate(forced_plans("backward", N * C, x[0, 0].size, x.itemsize)):
+        for use_input_stats, affine, layout in fused_combos(backend, i, plan, act):
+            backward_and_check(backend, fused_device(backend, dy, layout),
+                               fused_device(backend, x, layout), *stats[use_input_stats],
+                               w if affine else None, use_input_stats, plan=plan,
+                               b=b if affine else None, act=act)
+            assert_fused_kernels(backend, act != 0)
+
+
+def test_fused_forward_fixed_every_regime(backend, rng):
+    """Running statistics (eval): the activation and the residual in the group and chunk
+    kernels' fixed-statistics path."""
+    x, r = make_x(rng, FUSED_SHAPE, np.float32), make_x(rng, FUSED_SHAPE, np.float32)
+    w, b = make_affine(rng, FUSED_SHAPE[1], np.float32)
+    mean, var = rng.normal(size=3), rng.uniform(0.5, 2.0, 3)
+    rstd = np.broadcast_to(1 / np.sqrt(var + 1e-3), (2, 3))
+    for i, plan in enumerate(forced_plans("fixed", 6, x[0, 0].size, 4)):
+        act = 1 + i % (len(ref.ACTIVATIONS) - 1)
+        rd = fused_device(backend, r, "channels_last")
+        backend.reset_launches()
+        y = _gpu.forward_fixed(backend.asarray(x), backend.asarray(mean), backend.asarray(var),
+                               backend.asarray(w), backend.asarray(b), 1e-3, plan=plan,
+                               residual=rd, act=act, slope=SLOPE)
+        t = ref.normalize(x, np.broadcast_to(mean, (2, 3)), rstd, w, b)
+        assert_close(backend.asnumpy(y), ref.activation(t, ref.ACTIVATIONS[act], SLOPE) + r)
+        assert_fused_kernels(backend, True)
 
 
 # ---- the public API on device arrays (every backend) -----------------------------------------
@@ -1323,6 +1462,109 @@ class TestPublicApi:
         cpu = cin.InstanceNorm2d(3, affine=True, track_running_stats=True)
         cpu.load_state_dict(m.state_dict())
         assert type(cpu.weight) is np.ndarray and np.array_equal(cpu.weight, [0, 1, 2])
+
+    def test_fused_validation_raises_before_any_launch(self, cp, backend, rng):
+        """Unknown activations, bad slopes and residuals of the wrong shape, dtype or device
+        raise the CPU's errors on device arrays before any kernel runs, modifying nothing."""
+        import cinstnorm as cin
+
+        x = make_x(rng, (2, 3, 5, 7), np.float32)
+        w, b = make_affine(rng, 3, np.float32)
+        mean, rstd = (s.astype(np.float32) for s in ref.instance_stats(x))
+        host = dict(x=x, dy=rng.standard_normal(x.shape).astype(np.float32), w=w, b=b,
+                    rm=np.zeros(3, np.float32), rv=np.ones(3, np.float32), mean=mean,
+                    rstd=rstd, out=np.full_like(x, 7.0), r=x + 1)
+
+        def calls(a):
+            """(error type, call) on the arrays a (all on the host or all on the device)."""
+            def fwd(**kw):
+                return cin.instance_norm_forward(a["x"], a["w"], a["b"], out=a["out"], **kw)
+
+            def norm(**kw):  # tracking: the buffers would be updated
+                return cin.instance_norm(a["x"], a["rm"], a["rv"], a["w"], a["b"],
+                                         out=a["out"], **kw)
+
+            def bwd(**kw):
+                return cin.instance_norm_backward(a["dy"], a["x"], a["mean"], a["rstd"],
+                                                  a["w"], a["b"], out=a["out"], **kw)
+
+            bad = [(ValueError, dict(activation="tanh")), (TypeError, dict(activation=1)),
+                   (ValueError, dict(activation="leaky_relu", negative_slope=float("nan"))),
+                   (ValueError, dict(activation="relu", negative_slope=float("inf"))),
+                   (TypeError, dict(negative_slope="0.2"))]
+            out = [(err, lambda f=f, kw=kw: f(**kw)) for err, kw in bad for f in (fwd, norm, bwd)]
+            for err, r in ((ValueError, a["r"][:, :, :4]), (TypeError, a["r"].astype(np.int32))):
+                out += [(err, lambda f=f, r=r: f(activation="relu", residual=r))
+                        for f in (fwd, norm)]
+            return out
+
+        device = {k: cp.asarray(v.copy()) for k, v in host.items()}
+        cpu = {k: v.copy() for k, v in host.items()}
+        for (err, on_cpu), (_, on_device) in zip(calls(cpu), calls(device)):
+            with pytest.raises(err) as want:
+                on_cpu()
+            backend.reset_launches()
+            with pytest.raises(err) as got:
+                on_device()
+            assert str(got.value) == str(want.value)
+            assert backend.launches() in (None, [])
+        with pytest.raises(TypeError, match="residual is on cpu"):
+            cin.instance_norm_forward(device["x"], residual=x)
+        for k, v in host.items():
+            assert np.array_equal(self.host(device[k]), v), k
+            assert np.array_equal(cpu[k], v), k
+
+    def test_fused_calls_match_the_cpu_and_plain_calls_stay_plain(self, cp, backend, rng):
+        """The activation and the residual through the public API on device arrays give the
+        CPU's numbers; a call without them (a slope alone is not an activation) launches the
+        kernels with FUSED = false, one with them FUSED = true."""
+        import cinstnorm as cin
+
+        x = make_x(rng, (2, 3, 5, 7), np.float64)
+        r, dy = make_x(rng, x.shape, np.float64), rng.standard_normal(x.shape)
+        w, b = make_affine(rng, 3, np.float64)
+        xd, rd, dyd, wd, bd = (cp.asarray(a) for a in (x, r, dy, w, b))
+        for kw, fused in (({}, False), (dict(negative_slope=0.3), False),
+                          (dict(activation="gelu"), True), (dict(residual=r), True),
+                          (dict(activation="leaky_relu", negative_slope=0.3, residual=r), True)):
+            kw_device = {k: rd if k == "residual" else v for k, v in kw.items()}
+            backend.reset_launches()
+            y, mean, rstd = cin.instance_norm_forward(xd, wd, bd, **kw_device)
+            assert_fused_kernels(backend, fused)
+            want = cin.instance_norm_forward(x, w, b, **kw)
+            for got, cpu in zip((y, mean, rstd), want):
+                assert_close(self.host(got), cpu)
+            kw.pop("residual", None)
+            backend.reset_launches()
+            grads = cin.instance_norm_backward(dyd, xd, mean, rstd, wd, bd, **kw)
+            assert_fused_kernels(backend, "activation" in kw)
+            for got, cpu in zip(grads, cin.instance_norm_backward(dy, x, want[1], want[2], w, b,
+                                                                  **kw)):
+                assert_close(self.host(got), cpu, grad=True)
+        # out may be the residual itself; float16 x computes in float32 (a float64 residual too)
+        out = cp.asarray(r)
+        y = cin.instance_norm_forward(xd, residual=out, out=out, activation="relu")[0]
+        assert y is out
+        assert_close(self.host(out), cin.instance_norm_forward(x, residual=r, activation="relu")[0])
+        h = x.astype(np.float16)
+        y = cin.instance_norm(cp.asarray(h), residual=rd, activation="silu")
+        assert y.dtype == np.float16
+        assert_close(self.host(y), cin.instance_norm(h, residual=r, activation="silu"))
+
+    def test_module_with_activation_matches_cpu_module(self, cp, rng):
+        import cinstnorm as cin
+
+        kw = dict(affine=True, track_running_stats=True, activation="silu")
+        gpu, cpu = cin.InstanceNorm2d(3, device="cuda", **kw), cin.InstanceNorm2d(3, **kw)
+        for step in range(3):
+            if step == 2:  # the running statistics: the fixed-statistics kernels
+                gpu.eval()
+                cpu.eval()
+            x = make_x(rng, (2, 3, 6, 7), np.float32)
+            dy = rng.standard_normal(x.shape).astype(np.float32)
+            assert_close(self.host(gpu(cp.asarray(x))), cpu(x))
+            assert_close(self.host(gpu.backward(cp.asarray(dy))), cpu.backward(dy), grad=True)
+        assert_close(self.host(gpu.weight_grad), cpu.weight_grad, grad=True)
 
     def test_mixing_devices_is_a_clear_error(self, cp, rng):
         import cinstnorm as cin

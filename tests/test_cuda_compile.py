@@ -1,9 +1,10 @@
 """The shipped CUDA source compiles, without a GPU.
 
 Wherever ``nvcc`` is on PATH, every kernel instantiation that ``cinstnorm._gpu`` asks CuPy for
-(float and double) is compiled for sm_80 and sm_90: to PTX (the entry points must be there) and
-through ptxas to a cubin (register use, no spills, no local memory), so a CUDA compile error
-fails CI on a machine without a GPU.  The source is also checked to ship as package data.
+(float and double, plain and with the fused activation and residual, FUSED = false / true) is
+compiled for sm_80 and sm_90: to PTX (the entry points must be there) and through ptxas to a
+cubin (register use, no spills, no local memory), so a CUDA compile error fails CI on a machine
+without a GPU.  The source is also checked to ship as package data.
 """
 import fnmatch
 import importlib.resources
@@ -61,6 +62,11 @@ def test_kernel_names_match_source():
     for ctype in CTYPES:
         used = {name.split("<")[0] for name in _gpu.kernel_names(ctype)}
         assert used == defined
+        # the fused module: every kernel that normalizes or reads dy, with FUSED = true
+        fused = _gpu.kernel_names(ctype, True)
+        assert {name.split("<")[0] for name in fused} == defined - {"cin_fwd_chunk_stats"}
+        assert all(name.endswith(", true>") for name in fused)
+        assert sorted(_gpu.kernel_names(ctype)) == sorted(_gpu.kernel_names(ctype, False) + fused)
 
 
 def test_defines_match_host_constants():
@@ -69,6 +75,12 @@ def test_defines_match_host_constants():
     assert int(defines["CIN_GROUP_THREADS"]) == _gpu.GROUP_THREADS
     assert int(defines["CIN_CHUNK_THREADS"]) == _gpu.CHUNK_THREADS
     assert int(defines["CIN_BLOCK_MAX_THREADS"]) == _gpu.BLOCK_MAX_THREADS
+    # the activation codes: the .cu includes no header, so it repeats src/cinstnorm_kernels.h's
+    from cinstnorm._validation import ACTIVATIONS
+
+    codes = {k[len("CIN_ACT_"):].lower(): int(v) for k, v in defines.items()
+             if k.startswith("CIN_ACT_")}
+    assert codes == {("none" if k is None else k): v for k, v in ACTIVATIONS.items()}
 
 
 def write_wrapper(tmp_path):
@@ -89,12 +101,21 @@ def nvcc(*args, cwd):
     return proc.stdout + proc.stderr
 
 
-@needs_nvcc
-@pytest.mark.parametrize("arch", ARCHS)
-def test_ptx_has_every_entry_point(tmp_path, arch):
+@pytest.fixture(scope="module", params=ARCHS)
+def cubin_build(request, tmp_path_factory):
+    """Every instantiation compiled for one architecture, once for the tests below: (the PTX
+    that nvcc kept on the way, the ptxas -v log, the name expressions)."""
+    tmp_path = tmp_path_factory.mktemp(request.param)
     wrapper, names = write_wrapper(tmp_path)
-    nvcc("--ptx", f"-arch={arch}", "-o", "out.ptx", str(wrapper), cwd=tmp_path)
-    ptx = (tmp_path / "out.ptx").read_text()
+    log = nvcc("-cubin", f"-arch={request.param}", "-Xptxas", "-v", "--keep", "-o", "out.cubin",
+               str(wrapper), cwd=tmp_path)
+    assert (tmp_path / "out.cubin").stat().st_size > 0
+    return (tmp_path / "wrapper.ptx").read_text(), log, names
+
+
+@needs_nvcc
+def test_ptx_has_every_entry_point(cubin_build):
+    ptx, _, names = cubin_build
     entries = re.findall(r"\.entry\s+(\w+)", ptx)
     assert len(entries) == len(names)
     for base in {n.split("<")[0] for n in names}:
@@ -108,20 +129,30 @@ def test_ptx_has_every_entry_point(tmp_path, arch):
 MAX_SPILL_BYTES = 16
 
 
+def ptxas_report(log):
+    """{mangled entry: (registers, spill store bytes, spill load bytes)} from ptxas -v."""
+    report = {}
+    for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads.*?Used (\d+) registers", log, re.S):
+        report[m.group(1)] = (int(m.group(4)), int(m.group(2)), int(m.group(3)))
+    return report
+
+
 @needs_nvcc
-@pytest.mark.parametrize("arch", ARCHS)
-def test_cubin_builds_without_spilling_the_plane(tmp_path, arch):
+def test_cubin_builds_without_spilling_the_plane(cubin_build):
     """ptxas accepts every kernel, and none keeps its slots in local memory (the register
-    kernels hold the plane in registers: a spill there makes a slow kernel, not a wrong one)."""
-    wrapper, names = write_wrapper(tmp_path)
-    log = nvcc("-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", "out.cubin", str(wrapper),
-               cwd=tmp_path)
-    assert (tmp_path / "out.cubin").stat().st_size > 0
+    kernels hold the plane in registers: a spill there makes a slow kernel, not a wrong one).
+    The fused ones (FUSED = true, mangled ``Lb1E``) are bounded so that they spill nothing."""
+    _, log, names = cubin_build
     functions = re.findall(r"Compiling entry function '(\w+)'", log)
     assert len(functions) == len(names)
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert len(spills) == len(names)
-    assert all(int(st) <= MAX_SPILL_BYTES and int(ld) <= MAX_SPILL_BYTES for st, ld in spills), log
+    report = ptxas_report(log)
+    assert sorted(report) == sorted(functions)
+    assert all(st <= MAX_SPILL_BYTES and ld <= MAX_SPILL_BYTES
+               for _, st, ld in report.values()), log
+    fused = {f: r for f, r in report.items() if "Lb1E" in f}
+    assert len(fused) == sum(len(_gpu.kernel_names(c, True)) for c in CTYPES)
+    assert all(st == ld == 0 for _, st, ld in fused.values()), fused
 
 
 def load_nvrtc():

@@ -41,24 +41,25 @@
  * Normalization is y = (x - k) * alpha + beta with k = mean rounded to T, alpha = rstd * w and
  * beta = b - (mean - k) * alpha computed in double: no x * alpha + beta cancellation.
  *
- * Fused activation and residual (issue 14): every forward kernel that writes y writes
- * y = act((x - k) * alpha + beta) + residual, in T, and every backward kernel that reads dy
- * uses g = dy * act'(t) in its place (in the sums and in dx), t = (x - k) * alpha + beta
- * recomputed from x and the given mean, rstd, weight and bias: bitwise the forward's t.  The
- * residual (null: none) is a (P, L) array of T like y, read slot by slot as y is stored; its
- * gradient is dy itself, so the backward never sees it.  Activation codes are those of
- * cinstnorm._validation.ACTIVATIONS and src/cinstnorm_kernels.h (CIN_ACT_* below), with the
- * formulas of the CPU's cin_act / cin_act_grad, in T (expf/erff for float, exp/erf for double,
- * where the CPU's GELU has a vector normal CDF; SiLU and GELU-tanh through sigmoids, as the
- * CPU's vector forms).  Instantiations: a template bool FUSED on each kernel that normalizes or
- * reads dy (forward: an activation or a residual; backward: an activation), with the code, the
- * slope and the residual pointer as runtime arguments.  FUSED = false is the plain kernel,
- * which reads none of them (no activation code, no residual loads, within 2 registers of before);
- * FUSED = true selects the code per element on a uniform value, which costs next to nothing
- * beside the libm calls of SiLU and the GELUs, and keeps the instantiations at two per kernel
- * instead of six or twelve.  _gpu.py compiles the FUSED ones as a second module per C type, on
- * the first call that needs them, so a plain call pays no NVRTC time for them; their forward
- * block regime has 8 slots per thread only (16 slots beside the residual spill).
+ * Fused activation and residual (issue 14): every forward kernel that writes y writes y = act((x
+ * - k) * alpha + beta) + residual, in T, and every backward kernel that reads dy uses g = dy *
+ * act'(t) in its place (in the sums and in dx), t = (x - k) * alpha + beta recomputed from x and
+ * the given mean, rstd, weight and bias: bitwise the forward's t.  The residual (null: none) is a
+ * (P, L) array of T like y, read slot by slot as y is stored; its gradient is dy itself, so the
+ * backward never sees it.  Activation codes are those of cinstnorm._validation.ACTIVATIONS and
+ * src/cinstnorm_kernels.h (CIN_ACT_* below), with the formulas of the CPU's cin_act /
+ * cin_act_grad, in T (expf/erfcf for float, exp/erfc for double, where the CPU's GELU has a
+ * vector normal CDF; GELU as 0.5 t erfc(-t / sqrt 2), which keeps the left tail's relative
+ * accuracy that 1 + erf would cancel; SiLU and GELU-tanh through sigmoids, as the CPU's vector
+ * forms).  Instantiations: a template bool FUSED on each kernel that normalizes or reads dy
+ * (forward: an activation or a residual; backward: an activation), with the code, the slope and
+ * the residual pointer as runtime arguments.  FUSED = false is the plain kernel, which reads none
+ * of them (no activation code, no residual loads, within 2 registers of before); FUSED = true
+ * selects the code per element on a uniform value, which costs next to nothing beside the libm
+ * calls of SiLU and the GELUs, and keeps the instantiations at two per kernel instead of six or
+ * twelve.  _gpu.py compiles the FUSED ones as a second module per C type, on the first call that
+ * needs them, so a plain call pays no NVRTC time for them; their forward block regime has 8 slots
+ * per thread only (16 slots beside the residual spill).
  */
 
 #define CIN_DEV __device__ __forceinline__
@@ -368,8 +369,8 @@ struct Grad {
 
 CIN_DEV float act_exp(float t) { return expf(t); }
 CIN_DEV double act_exp(double t) { return exp(t); }
-CIN_DEV float act_erf(float t) { return erff(t); }
-CIN_DEV double act_erf(double t) { return erf(t); }
+CIN_DEV float act_erfc(float t) { return erfcf(t); }
+CIN_DEV double act_erfc(double t) { return erfc(t); }
 
 /* 1 - sigmoid(t) without cancellation, from sg = sigmoid(t) and e = exp(-t): e * sg where
  * t >= 0 (1 - sg loses the digits as sg -> 1), 1 - sg below (cin_vsigmoid_c of cin_vmath.h). */
@@ -387,7 +388,7 @@ CIN_DEV T gelu_tanh_u2(T t)
 }
 
 /* act(t) and dy * act'(t) by code, in T: the formulas of cin_act and cin_act_grad in
- * src/cinstnorm_kernels_impl.h and src/cin_vmath.h, GELU with erf (ReLU and LeakyReLU pass
+ * src/cinstnorm_kernels_impl.h and src/cin_vmath.h, GELU with erfc (ReLU and LeakyReLU pass
  * dy where t > 0, as torch does; SiLU and GELU-tanh through sigmoids, so GELU-tanh has no
  * cancellation in 1 + tanh u for t << 0).  The code is selected per element (a uniform
  * branch): a switch per batch instead, with one straight-line loop per activation, let ptxas
@@ -406,7 +407,7 @@ struct Activation {
         case CIN_ACT_RELU: return t < T(0) ? T(0) : t;  // keeps NaN
         case CIN_ACT_LEAKY_RELU: return t < T(0) ? t * s : t;
         case CIN_ACT_SILU: return t / (T(1) + act_exp(-t));
-        case CIN_ACT_GELU: return T(0.5) * t * (T(1) + act_erf(t * T(0.70710678118654752440)));
+        case CIN_ACT_GELU: return T(0.5) * t * act_erfc(t * T(-0.70710678118654752440));
         case CIN_ACT_GELU_TANH: return t / (T(1) + act_exp(-gelu_tanh_u2(t)));
         default: return t;
         }
@@ -422,7 +423,7 @@ struct Activation {
             return dy * (sg * (T(1) + t * sigmoid_c(t, sg, e)));
         }
         case CIN_ACT_GELU: {
-            const T cdf = T(0.5) * (T(1) + act_erf(t * T(0.70710678118654752440)));
+            const T cdf = T(0.5) * act_erfc(t * T(-0.70710678118654752440));
             const T pdf = act_exp(T(-0.5) * t * t) * T(0.39894228040143267794);
             return dy * (cdf + t * pdf);
         }

@@ -66,6 +66,8 @@ cdef extern from "cinstnorm_kernels.h" nogil:
                               Py_ssize_t b_n, int act, double slope, int stream)
     enum: CIN_BLOCK
     enum: CIN_SMALL_BATCH
+    enum: CIN_ACT_SILU
+    enum: CIN_G_SCRATCH
     void cin_store_fence()
     void cin_normalize_f(const float *x, float *y, const float *r, Py_ssize_t n, float k,
                          float alpha, float beta, int act, float slope, int stream)
@@ -320,6 +322,20 @@ cdef inline void _bwd_sums(const floating *dy, const floating *x, Py_ssize_t n, 
     sdyc[0] = sdyc[0] + (<double>k - mean) * sdy[0]
 
 
+cdef inline void _bwd_g(const floating *dy, const floating *x, floating *g, Py_ssize_t n,
+                        double mean, double rstd, double w, double b, int act,
+                        double slope) noexcept nogil:
+    """g = dy * act'(t) at the forward's t, the gradient through the activation (cin_scale
+    with a = 1: the bits _bwd_sums and _bwd_dx compute for g inside their loops)."""
+    cdef floating k = <floating>mean
+    cdef floating af = 0, bf = 0
+    _pre_activation(mean, rstd, w, b, &af, &bf)
+    if floating is float:
+        cin_scale_f(dy, x, g, n, 1.0, k, af, bf, act, <float>slope, 0)
+    else:
+        cin_scale_d(dy, x, g, n, 1.0, k, af, bf, act, slope, 0)
+
+
 cdef inline void _bwd_dx(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
                          double mean, double rstd, double w, double sdy, double sdyc,
                          double inv_count, bint use_input_stats, int stream, int act=0,
@@ -496,6 +512,7 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
     cdef double inv_l = 1.0 / <double>L, sg, sc
     cdef double *cg
     cdef double *cc
+    cdef floating *gs
     global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region
@@ -519,6 +536,34 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                                 sum_dy_xhat + p, bias, act, slope, stream)
             if stream:  # each thread, after its batches (the batch kernels do not fence)
                 cin_store_fence()
+        return 0
+    if k == 1 and act >= CIN_ACT_SILU and L <= CIN_G_SCRATCH:
+        # SiLU and the GELUs are compute bound: g = dy * act'(t) once per plane, into a
+        # thread's scratch (cache resident), then the plain sums and dx passes on it; the same
+        # bits as recomputing g in both passes (cin_scale with a = 1 writes g itself)
+        with nogil, parallel(num_threads=n_threads):
+            _record_team_size()
+            gs = <floating *>malloc(L * sizeof(floating))
+            for p in prange(P, schedule='static'):
+                if gs == NULL:  # no scratch: recompute g in both passes
+                    _bwd_sums(dy + p * L, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
+                              &sum_dy_xhat[p], act, _pparam(rstd, p, 1.0),
+                              _pparam(weight, p, 1.0), _pparam(bias, p, 0.0), slope)
+                    _bwd_dx(dy + p * L, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
+                            _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0), sum_dy[p],
+                            sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
+                            _pparam(bias, p, 0.0), slope)
+                else:
+                    _bwd_g(dy + p * L, x + p * L, gs, L, _pparam(mean, p, 0.0),
+                           _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                           _pparam(bias, p, 0.0), act, slope)
+                    _bwd_sums(gs, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
+                              &sum_dy_xhat[p])
+                    _bwd_dx(gs, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
+                            _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0), sum_dy[p],
+                            sum_dy_xhat[p], inv_l, use_input_stats, stream)
+                sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
+            free(gs)
         return 0
     if k == 1:
         with nogil, parallel(num_threads=n_threads):
@@ -1623,8 +1668,9 @@ def channel_sums(double[::1] sums, Py_ssize_t N, Py_ssize_t C, dtype, acc=None):
 
 
 cdef object _fast_forward(object x, object weight, object bias, object eps, object n_threads,
-                          object out, int mode, bint per_sample):
-    """fast_forward; per_sample: weight and bias may be (N, C)."""
+                          object out, int mode, bint per_sample, int act=0, double slope=0.0):
+    """fast_forward; per_sample: weight and bias may be (N, C); act, slope: a validated
+    activation code and slope (no residual)."""
     cdef int t = _dense_type(x), nt
     cdef cnp.ndarray xa
     cdef Py_ssize_t N, C, L, P, need
@@ -1672,11 +1718,11 @@ cdef object _fast_forward(object x, object weight, object bias, object eps, obje
         if t == cnp.NPY_FLOAT:
             _forward_planes(<const float *>cnp.PyArray_DATA(xa),
                             <float *>cnp.PyArray_DATA(<cnp.ndarray>y), P, L, w, b, e, mean,
-                            var, rstd, nt, NULL, 0, 0.0)
+                            var, rstd, nt, NULL, act, slope)
         else:
             _forward_planes(<const double *>cnp.PyArray_DATA(xa),
                             <double *>cnp.PyArray_DATA(<cnp.ndarray>y), P, L, w, b, e, mean,
-                            var, rstd, nt, NULL, 0, 0.0)
+                            var, rstd, nt, NULL, act, slope)
         if mode == FAST_Y:
             return y
         if mode == FAST_Y_PLANES:
@@ -1698,13 +1744,15 @@ cdef inline object _nc_array(Py_ssize_t N, Py_ssize_t C, int t):
     return cnp.PyArray_EMPTY(2, dims, t, 0)
 
 
-def fast_forward(x, weight, bias, eps, n_threads, out, int mode=FAST_Y_STATS):
+def fast_forward(x, weight, bias, eps, n_threads, out, int mode=FAST_Y_STATS, int act=0,
+                 double slope=0.0):
     """instance_norm_forward(x, weight, bias, eps, n_threads=, out=) when every argument is in
     the common case (dense x with at least 2 spatial elements, weight and bias None or dense
     (C,) or (N, C), eps a float in [0, inf), n_threads None or positive, out None or a dense
     writable array of x's shape and dtype, x itself or apart from it); None otherwise.  mode
-    FAST_Y_PLANES returns (y, float64 (3, P) statistics) instead, FAST_Y just y."""
-    return _fast_forward(x, weight, bias, eps, n_threads, out, mode, True)
+    FAST_Y_PLANES returns (y, float64 (3, P) statistics) instead, FAST_Y just y.  act, slope:
+    a fused activation already validated (code and float slope; without a residual)."""
+    return _fast_forward(x, weight, bias, eps, n_threads, out, mode, True, act, slope)
 
 
 def fast_instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
@@ -1721,13 +1769,15 @@ def fast_instance_norm(x, running_mean, running_var, weight, bias, use_input_sta
 
 
 def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
-                  bint planes=False):
+                  bint planes=False, bias=None, int act=0, double slope=0.0):
     """instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats=, n_threads=, out=)
     when every argument is in the common case (dense dy and x of one shape and dtype, mean,
     rstd and weight dense (N, C) or (C,) (weight may be None), use_input_stats a bool (True: at
     least 2 spatial elements), n_threads and out as for fast_forward, out may be dy or x);
     None otherwise.  planes (the internal call, validated already): mean, rstd and weight
-    may be (P,) too, and it returns (dx, float64 (2, P) sum(dy), sum(dy * xhat)) instead."""
+    may be (P,) too, and it returns (dx, float64 (2, P) sum(dy), sum(dy * xhat)) instead.
+    act, slope: a fused activation already validated (code, float slope), with the forward's
+    bias (None, or of weight's shape: dbias then takes weight's shape as dweight does)."""
     cdef int t = _dense_type(x), nt
     cdef cnp.ndarray xa, ga
     cdef Py_ssize_t N, C, L, P, need
@@ -1736,10 +1786,15 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
     cdef double *mem
     cdef double *sdy
     cdef double *sdyx
-    cdef _Param m, r, w
+    cdef _Param m, r, w, bp
     # the public call's (N, C) or (C,) parameters; the modules' saved (P,) statistics too
     cdef int shapes = _SHAPE_C | _SHAPE_NC | (_SHAPE_P if planes else 0)
     if t < 0 or _dense_type(dy) != t:
+        return None
+    if bias is not None and (not act or weight is None or _dense_type(bias) < 0
+                             or _dense_type(weight) < 0
+                             or cnp.PyArray_NDIM(<cnp.ndarray>bias)
+                             != cnp.PyArray_NDIM(<cnp.ndarray>weight)):
         return None
     xa = <cnp.ndarray>x
     ga = <cnp.ndarray>dy
@@ -1760,12 +1815,13 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
     nt = _fast_threads(n_threads)
     if nt == 0 or (out is not None and not _fast_out(out, xa, t, dy)):
         return None
-    need = 5 * P
+    need = 6 * P
     mem = _scratch(need, stack)
     try:
         if (_load_param(mean, N, C, shapes, mem, &m) < 0
                 or _load_param(rstd, N, C, shapes, mem + P, &r) < 0
-                or _load_param(weight, N, C, shapes, mem + 2 * P, &w) < 0):
+                or _load_param(weight, N, C, shapes, mem + 2 * P, &w) < 0
+                or _load_param(bias, N, C, shapes, mem + 5 * P, &bp) < 0):
             return None
         sdy = mem + 3 * P
         sdyx = sdy + P
@@ -1779,12 +1835,12 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
             _backward_planes(<const float *>cnp.PyArray_DATA(ga),
                              <const float *>cnp.PyArray_DATA(xa), P, L, m, r, w,
                              <float *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt,
-                             _NONE_PARAM, 0, 0.0)
+                             bp, act, slope)
         else:
             _backward_planes(<const double *>cnp.PyArray_DATA(ga),
                              <const double *>cnp.PyArray_DATA(xa), P, L, m, r, w,
                              <double *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt,
-                             _NONE_PARAM, 0, 0.0)
+                             bp, act, slope)
         if planes:
             return dx, sums
         if weight is None:

@@ -160,13 +160,22 @@ def _unfused(activation, negative_slope, residual) -> bool:
             and math.isfinite(negative_slope))
 
 
+def _valid_activation(activation, negative_slope) -> int:
+    """The code of a known activation name with a finite float slope, else 0 (the general
+    path then validates, in its order, and raises what is wrong)."""
+    if type(negative_slope) is not float or not math.isfinite(negative_slope):
+        return 0
+    return V.ACTIVATIONS.get(activation, 0) if type(activation) is str else 0
+
+
 def _forward(x, weight, bias, eps: float, n_threads: int, out=None, residual=None,
              act: int = 0, slope: float = 0.0):
     """Normalize with instance statistics, then the activation (code act, see
     _validation.ACTIVATIONS) and the residual; returns y and float64 (P,) mean, var, rstd."""
     fast = None
-    if not act and residual is None:
-        fast = _cpu.fast_forward(x, weight, bias, eps, n_threads, out, _cpu.FORWARD_Y_PLANES)
+    if residual is None:
+        fast = _cpu.fast_forward(x, weight, bias, eps, n_threads, out, _cpu.FORWARD_Y_PLANES,
+                                 act, slope)
     if fast is not None:  # dense x, weight, bias and out: read and written in place
         y, stats = fast
         return y, stats[0], stats[1], stats[2]
@@ -252,12 +261,11 @@ def _backward(dy, x, mean_p, rstd_p, weight, use_input_stats: bool, n_threads: i
     """dx and float64 (P,) sums: sum(g) and sum(g * xhat), g = dy, or with an activation
     (code act) dy * act'(xhat * weight + bias); mean_p, rstd_p: (N, C), (P,) or (C,)."""
     bias64 = _flat64(bias) if act else _NONE  # the pre-activation needs the bias
-    if not act:
-        fast = _cpu.fast_backward(dy, x, mean_p, rstd_p, weight, use_input_stats, n_threads,
-                                  out, True)
-        if fast is not None:  # dense arrays: read and written in place
-            dx, sums = fast
-            return dx, sums[0], sums[1]
+    fast = _cpu.fast_backward(dy, x, mean_p, rstd_p, weight, use_input_stats, n_threads, out,
+                              True, bias if act else None, act, slope)
+    if fast is not None:  # dense arrays: read and written in place
+        dx, sums = fast
+        return dx, sums[0], sums[1]
     if is_gpu_array(x):
         dx, sum_dy, sum_dy_xhat = _gpu.backward(dy, x, mean_p, rstd_p, weight, use_input_stats,
                                                 bias=bias, act=act, slope=slope)
@@ -435,6 +443,9 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, *,
     fast = None
     if _unfused(activation, negative_slope, residual):
         fast = _cpu.fast_forward(x, weight, bias, eps, n_threads, out)
+    elif residual is None and (code := _valid_activation(activation, negative_slope)):
+        fast = _cpu.fast_forward(x, weight, bias, eps, n_threads, out, _cpu.FORWARD_Y_STATS,
+                                 code, negative_slope)
     if fast is not None:  # the common case, checked in C
         return fast
     x = V.as_input(x)
@@ -517,6 +528,9 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *,
     fast = None
     if bias is None and _unfused(activation, negative_slope, None):
         fast = _cpu.fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out)
+    elif code := _valid_activation(activation, negative_slope):
+        fast = _cpu.fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
+                                  False, bias, code, negative_slope)
     if fast is not None:  # the common case, checked in C
         return fast
     x = V.as_input(x, "x")

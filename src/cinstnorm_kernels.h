@@ -59,11 +59,16 @@
 #define CIN_ACT_SILU 3
 #define CIN_ACT_GELU 4
 #define CIN_ACT_GELU_TANH 5
+/* The backward through SiLU or a GELU (compute bound) evaluates g = dy * act'(t) once per
+ * plane, into a thread's scratch, instead of once in the sums pass and again in the dx pass:
+ * for planes of at most this many elements (128 KiB of float, cache resident), and for the
+ * small-plane batches on the stack. */
+#define CIN_G_SCRATCH 32768
 
 /* Calls CIN_BODY(act, flag) with both arguments compile-time constants where it matters: one
  * instantiation each for no activation, ReLU and LeakyReLU (selects in registers), and one for
- * the libm activations (act passed on: libm dominates their cost), each with flag 0 and 1
- * (a residual, or fixed statistics).  CIN_BODY is defined by the caller. */
+ * the vector-math activations (act passed on: their arithmetic dominates the cost), each with
+ * flag 0 and 1 (a residual, or fixed statistics).  CIN_BODY is defined by the caller. */
 #define CIN_ACT_SWITCH(act, flag)                                                               \
     if (flag) {                                                                                 \
         switch (act) {                                                                          \

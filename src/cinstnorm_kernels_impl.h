@@ -453,7 +453,7 @@ CIN_FN(cin_small_backward_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrd
                                 const double *rstd, ptrdiff_t r_n, const double *w,
                                 ptrdiff_t w_n, int use_input_stats, double *sum_dy,
                                 double *sum_dy_xhat, const double *bias, ptrdiff_t b_n,
-                                const int act, CIN_T slope, int stream)
+                                const int act, CIN_T slope, int stream, CIN_T *gb)
 {
     double mu[CIN_SMALL_BATCH], rs[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH];
     double sg[CIN_SMALL_BATCH], sc[CIN_SMALL_BATCH];
@@ -479,8 +479,17 @@ CIN_FN(cin_small_backward_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrd
             if (b_n && ++bi == b_n) bi = 0;
         }
     }
+    /* gb (SiLU and the GELUs): g once per element into gb (the bits the passes below would
+     * compute for it), then the passes on it without the activation */
+    const int a2 = gb ? CIN_ACT_NONE : act;
+    if (gb) {
+        for (ptrdiff_t j = 0; j < n; j++)
+            CIN_FN(cin_backward_dx_body)(dy + j * L, x + j * L, gb + j * L, L, k[j], 1, 0, 0,
+                                         af[j], bf[j], act, slope, 1, 0);
+        dy = gb;
+    }
     for (ptrdiff_t j = 0; j < n; j++)
-        CIN_FN(cin_backward_sums_body)(dy + j * L, x + j * L, L, k[j], af[j], bf[j], act, slope,
+        CIN_FN(cin_backward_sums_body)(dy + j * L, x + j * L, L, k[j], af[j], bf[j], a2, slope,
                                        &sg[j], &sc[j]);
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
@@ -497,11 +506,26 @@ CIN_FN(cin_small_backward_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrd
     for (ptrdiff_t j = 0; j < n; j++) {
         if (use_input_stats)
             CIN_FN(cin_backward_dx_body)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j],
-                                         cb[j], cc[j], af[j], bf[j], act, slope, 0, stream);
+                                         cb[j], cc[j], af[j], bf[j], a2, slope, 0, stream);
         else
             CIN_FN(cin_backward_dx_body)(dy + j * L, x + j * L, dx + j * L, L, k[j], ca[j], 0, 0,
-                                         af[j], bf[j], act, slope, 1, stream);
+                                         af[j], bf[j], a2, slope, 1, stream);
     }
+}
+
+/* The batch through SiLU or a GELU, with g on this frame's stack (out of line, so that the
+ * other instantiations keep a small frame). */
+static __attribute__((noinline)) void
+CIN_FN(cin_small_backward_g)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
+                             ptrdiff_t L, ptrdiff_t p0, const double *mean, ptrdiff_t m_n,
+                             const double *rstd, ptrdiff_t r_n, const double *w, ptrdiff_t w_n,
+                             int use_input_stats, double *sum_dy, double *sum_dy_xhat,
+                             const double *bias, ptrdiff_t b_n, int act, CIN_T slope, int stream)
+{
+    CIN_T gb[CIN_SMALL_BATCH * CIN_BLOCK];
+    CIN_FN(cin_small_backward_body)(dy, x, dx, n, L, p0, mean, m_n, rstd, r_n, w, w_n,
+                                    use_input_stats, sum_dy, sum_dy_xhat, bias, b_n, act, slope,
+                                    stream, gb);
 }
 
 static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
@@ -511,9 +535,16 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
                                        double *sum_dy, double *sum_dy_xhat, const double *bias,
                                        ptrdiff_t b_n, int act, CIN_T slope, int stream)
 {
+    if (act >= CIN_ACT_SILU) {
+        CIN_FN(cin_small_backward_g)(dy, x, dx, n, L, p0, mean, m_n, rstd, r_n, w, w_n,
+                                     use_input_stats, sum_dy, sum_dy_xhat, bias, b_n, act, slope,
+                                     stream);
+        return;
+    }
 #define CIN_BODY(A, R) CIN_FN(cin_small_backward_body)(dy, x, dx, n, L, p0, mean, m_n, rstd, r_n, \
                                                        w, w_n, use_input_stats, sum_dy,           \
-                                                       sum_dy_xhat, bias, b_n, A, slope, stream)
+                                                       sum_dy_xhat, bias, b_n, A, slope, stream,  \
+                                                       NULL)
     CIN_ACT_SWITCH(act, 0)
 #undef CIN_BODY
 }

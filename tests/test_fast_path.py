@@ -147,6 +147,78 @@ def test_backward_fast_equals_full(rng, full_path, shape, dtype, stats, weight):
                                               "out": np.empty_like(x)}), full_path)
 
 
+FUSED_SHAPES = [(2, 3, 8, 8), (2, 3, 40, 41), (1, 2, 300, 300)]
+ACTS = ["relu", "leaky_relu", "silu", "gelu", "gelu_tanh"]
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", ["none", "both", "per-sample"])
+@pytest.mark.parametrize("act", ACTS)
+def test_fused_forward_fast_equals_full(rng, full_path, shape, dtype, affine, act):
+    # an activation without a residual takes the fast path too (the kernels are the same)
+    x, w, b = data(rng, shape, dtype)
+    N = shape[0]
+    w, b = {"none": (None, None), "both": (w, b),
+            "per-sample": (np.tile(w, (N, 1)), np.tile(b, (N, 1)))}[affine]
+    code = cin._validation.ACTIVATIONS[act]
+    assert _cpu.fast_forward(x, w, b, 1e-5, 2, None, _cpu.FORWARD_Y_STATS, code, 0.2) is not None
+    kw = {"activation": act, "negative_slope": 0.2, "n_threads": 2}
+    compare(cin.instance_norm_forward, lambda: ((x, w, b), dict(kw)), full_path)
+    compare(cin.instance_norm_forward,
+            lambda: ((x, w, b), dict(kw, out=np.empty_like(x))), full_path)
+    compare(cin.instance_norm, lambda: ((x,), dict(kw, weight=w, bias=b)), full_path)
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("params", ["weight", "both", "per-sample", "none"])
+@pytest.mark.parametrize("act", ACTS)
+def test_fused_backward_fast_equals_full(rng, full_path, shape, dtype, params, act):
+    x, w, b = data(rng, shape, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    N = shape[0]
+    w, b = {"weight": (w, None), "both": (w, b), "none": (None, None),
+            "per-sample": (np.tile(w, (N, 1)), np.tile(b, (N, 1)))}[params]
+    _, mean, rstd = cin.instance_norm_forward(x, w, b, activation=act)
+    code = cin._validation.ACTIVATIONS[act]
+    assert _cpu.fast_backward(dy, x, mean, rstd, w, True, 2, None, False, b, code,
+                              0.2) is not None
+    for use in (True, False):
+        kw = {"activation": act, "negative_slope": 0.2, "use_input_stats": use}
+        compare(cin.instance_norm_backward, lambda: ((dy, x, mean, rstd, w, b), dict(kw)),
+                full_path)
+        compare(cin.instance_norm_backward,
+                lambda: ((dy, x, mean, rstd, w, b), dict(kw, out=np.empty_like(x))), full_path)
+
+
+@pytest.mark.parametrize("case", ["residual", "slope-numpy", "bad-name", "bad-slope",
+                                  "bias-without-weight", "bias-other-shape"])
+def test_fused_declines_and_full_path_decides(rng, full_path, case):
+    # what the fused fast path does not take runs (or raises) as the full path decides
+    x, w, b = data(rng, (2, 3, 8, 8))
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    _, mean, rstd = cin.instance_norm_forward(x, w, b)
+    kw = {"activation": "silu"}
+    bw, bb = w, b
+    if case == "residual":
+        kw["residual"] = rng.standard_normal(x.shape).astype(x.dtype)
+    elif case == "slope-numpy":
+        kw.update(activation="leaky_relu", negative_slope=np.float64(0.3))
+    elif case == "bad-name":
+        kw["activation"] = "swish"
+    elif case == "bad-slope":
+        kw["negative_slope"] = float("nan")
+    elif case == "bias-without-weight":
+        bw = None
+    else:
+        bb = np.tile(b, (2, 1))
+    compare(cin.instance_norm_forward, lambda: ((x, w, b), dict(kw)), full_path)
+    kw.pop("residual", None)
+    compare(cin.instance_norm_backward, lambda: ((dy, x, mean, rstd, bw, bb), dict(kw)),
+            full_path)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_in_place(rng, full_path, dtype):
     x, w, b = data(rng, (2, 3, 9, 10), dtype)

@@ -17,10 +17,12 @@ from test_state_on_failure import assert_same_state, module_state
 ACTS = ref.ACTIVATIONS
 SLOPE = 0.2
 
-# NCHW shapes taking each path: small-plane batches, whole planes, chunked planes (one plane
-# over both threads, fewer planes than chunks); the last two are channels-last-friendly too
-PATH_SHAPES = [(3, 5, 7, 9), (2, 4, 40, 33), (1, 1, 300, 301), (1, 3, 160, 163),
-               (16, 8, 16, 16), (8, 3, 40, 41)]
+# NCHW shapes taking each path: small-plane batches, whole planes (SiLU and the GELUs: g once
+# into a scratch, then above CIN_G_SCRATCH = 32768 elements recomputed in both passes), chunked
+# planes (one plane over both threads, fewer planes than chunks); the last two are
+# channels-last-friendly too
+PATH_SHAPES = [(3, 5, 7, 9), (2, 4, 40, 33), (2, 2, 190, 190), (1, 1, 300, 301),
+               (1, 3, 160, 163), (16, 8, 16, 16), (8, 3, 40, 41)]
 
 
 def _channels_last(a):

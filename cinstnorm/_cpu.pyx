@@ -537,23 +537,18 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
             if stream:  # each thread, after its batches (the batch kernels do not fence)
                 cin_store_fence()
         return 0
-    if k == 1 and act >= CIN_ACT_SILU and L <= CIN_G_SCRATCH:
+    if k == 1:
         # SiLU and the GELUs are compute bound: g = dy * act'(t) once per plane, into a
-        # thread's scratch (cache resident), then the plain sums and dx passes on it; the same
-        # bits as recomputing g in both passes (cin_scale with a = 1 writes g itself)
+        # thread's scratch gs (cache resident), then the plain sums and dx passes on it: the
+        # same bits as recomputing g in both passes (cin_scale with a = 1 writes g itself).
+        # Without the scratch (other activations, larger planes, no memory) g is recomputed.
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            gs = <floating *>malloc(L * sizeof(floating))
+            gs = NULL
+            if act >= CIN_ACT_SILU and L <= CIN_G_SCRATCH:
+                gs = <floating *>malloc(L * sizeof(floating))
             for p in prange(P, schedule='static'):
-                if gs == NULL:  # no scratch: recompute g in both passes
-                    _bwd_sums(dy + p * L, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
-                              &sum_dy_xhat[p], act, _pparam(rstd, p, 1.0),
-                              _pparam(weight, p, 1.0), _pparam(bias, p, 0.0), slope)
-                    _bwd_dx(dy + p * L, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
-                            _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0), sum_dy[p],
-                            sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
-                            _pparam(bias, p, 0.0), slope)
-                else:
+                if gs != NULL:
                     _bwd_g(dy + p * L, x + p * L, gs, L, _pparam(mean, p, 0.0),
                            _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
                            _pparam(bias, p, 0.0), act, slope)
@@ -562,21 +557,16 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                     _bwd_dx(gs, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
                             _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0), sum_dy[p],
                             sum_dy_xhat[p], inv_l, use_input_stats, stream)
+                else:
+                    _bwd_sums(dy + p * L, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
+                              &sum_dy_xhat[p], act, _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                              _pparam(bias, p, 0.0), slope)
+                    _bwd_dx(dy + p * L, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
+                            _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
+                            sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
+                            _pparam(bias, p, 0.0), slope)
                 sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
             free(gs)
-        return 0
-    if k == 1:
-        with nogil, parallel(num_threads=n_threads):
-            _record_team_size()
-            for p in prange(P, schedule='static'):
-                _bwd_sums(dy + p * L, x + p * L, L, _pparam(mean, p, 0.0), &sum_dy[p],
-                          &sum_dy_xhat[p], act, _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
-                          _pparam(bias, p, 0.0), slope)
-                _bwd_dx(dy + p * L, x + p * L, dx + p * L, L, _pparam(mean, p, 0.0),
-                        _pparam(rstd, p, 1.0), _pparam(weight, p, 1.0),
-                        sum_dy[p], sum_dy_xhat[p], inv_l, use_input_stats, stream, act,
-                        _pparam(bias, p, 0.0), slope)
-                sum_dy_xhat[p] = sum_dy_xhat[p] * _pparam(rstd, p, 1.0)
         return 0
     cg = <double *>malloc(2 * P * k * sizeof(double))
     if cg == NULL:

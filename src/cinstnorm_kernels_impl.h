@@ -215,6 +215,26 @@ static void CIN_FN(cin_chunk_stats)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
     *m2 = acc;
 }
 
+/* y[j] = act((x[j] - k) * alpha + beta) + r[j] (r: the residual, read only with res), one
+ * element and one vector at j: the expression every loop of cin_normalize_body stores. */
+static inline __attribute__((always_inline)) CIN_T
+CIN_FN(cin_norm_at)(const CIN_T *x, const CIN_T *r, ptrdiff_t j, CIN_T k, CIN_T alpha,
+                    CIN_T beta, const int act, CIN_T s, const int res)
+{
+    CIN_T v = CIN_FN(cin_act)((x[j] - k) * alpha + beta, act, s);
+    if (res) v += r[j];
+    return v;
+}
+
+static inline __attribute__((always_inline)) CIN_FN(cin_vec)
+CIN_FN(cin_vnorm_at)(const CIN_T *x, const CIN_T *r, ptrdiff_t j, CIN_T k, CIN_T alpha,
+                     CIN_T beta, const int act, CIN_T s, const int res)
+{
+    CIN_FN(cin_vec) v = CIN_FN(cin_vact)((CIN_FN(cin_load)(x + j) - k) * alpha + beta, act, s);
+    if (res) v += CIN_FN(cin_load)(r + j);
+    return v;
+}
+
 /* y = act((x - k) * alpha + beta) + r (r: the residual, NULL for none).  With k the plane
  * mean rounded to CIN_T, x - k is exact for x near the mean, which avoids the cancellation of
  * the usual x * alpha + (beta - mean * alpha).  x and y may be the same array (in place), and
@@ -227,21 +247,14 @@ CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n
                            CIN_T alpha, CIN_T beta, const int act, CIN_T s, const int res,
                            int stream)
 {
+#define CIN_NORM_ARGS(j) (x, r, j, k, alpha, beta, act, s, res)
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
     if (stream) {
-        for (; i < n && ((uintptr_t)(y + i) % CIN_VEC_BYTES) != 0; i++) {
-            CIN_T v = CIN_FN(cin_act)((x[i] - k) * alpha + beta, act, s);
-            if (res) v += r[i];
-            y[i] = v;
-        }
-        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
-            CIN_FN(cin_vec) v;
-            memcpy(&v, x + i, sizeof v);
-            v = CIN_FN(cin_vact)((v - k) * alpha + beta, act, s);
-            if (res) v += CIN_FN(cin_load)(r + i);
-            CIN_STREAM(y + i, v);
-        }
+        for (; i < n && ((uintptr_t)(y + i) % CIN_VEC_BYTES) != 0; i++)
+            y[i] = CIN_FN(cin_norm_at) CIN_NORM_ARGS(i);
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN)
+            CIN_STREAM(y + i, CIN_FN(cin_vnorm_at) CIN_NORM_ARGS(i));
     }
 #else
     (void)stream;
@@ -249,15 +262,9 @@ CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n
     if (i == 0 && (cin_store_ahead(y, x) || (res && cin_store_ahead(y, r)))) {
         /* from the end (see cin_store_ahead): the same arithmetic, element by element */
         ptrdiff_t m = n - n % CIN_VLEN;
-        for (ptrdiff_t j = m; j < n; j++) {
-            CIN_T v = CIN_FN(cin_act)((x[j] - k) * alpha + beta, act, s);
-            if (res) v += r[j];
-            y[j] = v;
-        }
+        for (ptrdiff_t j = m; j < n; j++) y[j] = CIN_FN(cin_norm_at) CIN_NORM_ARGS(j);
         for (ptrdiff_t j = m - CIN_VLEN; j >= 0; j -= CIN_VLEN) {
-            CIN_FN(cin_vec) v = CIN_FN(cin_load)(x + j);
-            v = CIN_FN(cin_vact)((v - k) * alpha + beta, act, s);
-            if (res) v += CIN_FN(cin_load)(r + j);
+            CIN_FN(cin_vec) v = CIN_FN(cin_vnorm_at) CIN_NORM_ARGS(j);
             memcpy(y + j, &v, sizeof v);
         }
         return;
@@ -266,17 +273,12 @@ CIN_FN(cin_normalize_body)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n
      * and LeakyReLU by itself, not the vector exp and CDF) */
     if (act >= CIN_ACT_SILU)
         for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
-            CIN_FN(cin_vec) v = CIN_FN(cin_load)(x + i);
-            v = CIN_FN(cin_vact)((v - k) * alpha + beta, act, s);
-            if (res) v += CIN_FN(cin_load)(r + i);
+            CIN_FN(cin_vec) v = CIN_FN(cin_vnorm_at) CIN_NORM_ARGS(i);
             memcpy(y + i, &v, sizeof v);
         }
 #pragma omp simd
-    for (ptrdiff_t j = i; j < n; j++) {
-        CIN_T v = CIN_FN(cin_act)((x[j] - k) * alpha + beta, act, s);
-        if (res) v += r[j];
-        y[j] = v;
-    }
+    for (ptrdiff_t j = i; j < n; j++) y[j] = CIN_FN(cin_norm_at) CIN_NORM_ARGS(j);
+#undef CIN_NORM_ARGS
 }
 
 static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrdiff_t n,
@@ -404,6 +406,28 @@ static void CIN_FN(cin_backward_sums)(const CIN_T *dy, const CIN_T *x, ptrdiff_t
 #undef CIN_BODY
 }
 
+/* dx[j] = a * g + b * (x[j] - k) + c, or a * g with fixed statistics, where g = dy[j] or
+ * with an activation its gradient at (x[j] - k) * af + bf; x is read only with act or !fixed.
+ * One element and one vector at j: the expression every loop of cin_backward_dx_body stores. */
+static inline __attribute__((always_inline)) CIN_T
+CIN_FN(cin_dx_at)(const CIN_T *dy, const CIN_T *x, ptrdiff_t j, CIN_T k, CIN_T a, CIN_T b,
+                  CIN_T c, CIN_T af, CIN_T bf, const int act, CIN_T s, const int fixed)
+{
+    CIN_T g = dy[j];
+    if (act) g = CIN_FN(cin_act_grad)((x[j] - k) * af + bf, g, act, s);
+    return fixed ? a * g : a * g + b * (x[j] - k) + c;
+}
+
+static inline __attribute__((always_inline)) CIN_FN(cin_vec)
+CIN_FN(cin_vdx_at)(const CIN_T *dy, const CIN_T *x, ptrdiff_t j, CIN_T k, CIN_T a, CIN_T b,
+                   CIN_T c, CIN_T af, CIN_T bf, const int act, CIN_T s, const int fixed)
+{
+    CIN_FN(cin_vec) g = CIN_FN(cin_load)(dy + j), v = {0};
+    if (act || !fixed) v = CIN_FN(cin_load)(x + j);
+    if (act) g = CIN_FN(cin_vact_grad)((v - k) * af + bf, g, act, s);
+    return fixed ? a * g : a * g + b * (v - k) + c;
+}
+
 /* dx = a * g + b * (x - k) + c  (the input-statistics gradient, rearranged per plane), or
  * with fixed (running) statistics dx = a * g, which reads x only for an activation's g (g as
  * in cin_backward_sums_body).  dx may be dy itself.  No store fence (as cin_normalize_body). */
@@ -412,22 +436,14 @@ CIN_FN(cin_backward_dx_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff
                              CIN_T a, CIN_T b, CIN_T c, CIN_T af, CIN_T bf, const int act,
                              CIN_T s, const int fixed, int stream)
 {
+#define CIN_DX_ARGS(j) (dy, x, j, k, a, b, c, af, bf, act, s, fixed)
     ptrdiff_t i = 0;
 #ifdef CIN_STREAM
     if (stream) {
-        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++) {
-            CIN_T g = dy[i];
-            if (act) g = CIN_FN(cin_act_grad)((x[i] - k) * af + bf, g, act, s);
-            dx[i] = fixed ? a * g : a * g + b * (x[i] - k) + c;
-        }
-        for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
-            CIN_FN(cin_vec) g, v = {0};
-            memcpy(&g, dy + i, sizeof g);
-            if (act || !fixed) memcpy(&v, x + i, sizeof v);
-            if (act) g = CIN_FN(cin_vact_grad)((v - k) * af + bf, g, act, s);
-            v = fixed ? a * g : a * g + b * (v - k) + c;
-            CIN_STREAM(dx + i, v);
-        }
+        for (; i < n && ((uintptr_t)(dx + i) % CIN_VEC_BYTES) != 0; i++)
+            dx[i] = CIN_FN(cin_dx_at) CIN_DX_ARGS(i);
+        for (; i + CIN_VLEN <= n; i += CIN_VLEN)
+            CIN_STREAM(dx + i, CIN_FN(cin_vdx_at) CIN_DX_ARGS(i));
     }
 #else
     (void)stream;
@@ -435,33 +451,21 @@ CIN_FN(cin_backward_dx_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff
     if (i == 0 && (cin_store_ahead(dx, dy) || ((act || !fixed) && cin_store_ahead(dx, x)))) {
         /* from the end, as in cin_normalize_body */
         ptrdiff_t m = n - n % CIN_VLEN;
-        for (ptrdiff_t j = m; j < n; j++) {
-            CIN_T g = dy[j];
-            if (act) g = CIN_FN(cin_act_grad)((x[j] - k) * af + bf, g, act, s);
-            dx[j] = fixed ? a * g : a * g + b * (x[j] - k) + c;
-        }
+        for (ptrdiff_t j = m; j < n; j++) dx[j] = CIN_FN(cin_dx_at) CIN_DX_ARGS(j);
         for (ptrdiff_t j = m - CIN_VLEN; j >= 0; j -= CIN_VLEN) {
-            CIN_FN(cin_vec) g = CIN_FN(cin_load)(dy + j), v = {0};
-            if (act || !fixed) v = CIN_FN(cin_load)(x + j);
-            if (act) g = CIN_FN(cin_vact_grad)((v - k) * af + bf, g, act, s);
-            v = fixed ? a * g : a * g + b * (v - k) + c;
+            CIN_FN(cin_vec) v = CIN_FN(cin_vdx_at) CIN_DX_ARGS(j);
             memcpy(dx + j, &v, sizeof v);
         }
         return;
     }
     if (act >= CIN_ACT_SILU)    /* as in cin_normalize_body */
         for (; i + CIN_VLEN <= n; i += CIN_VLEN) {
-            CIN_FN(cin_vec) g = CIN_FN(cin_load)(dy + i), v = CIN_FN(cin_load)(x + i);
-            g = CIN_FN(cin_vact_grad)((v - k) * af + bf, g, act, s);
-            v = fixed ? a * g : a * g + b * (v - k) + c;
+            CIN_FN(cin_vec) v = CIN_FN(cin_vdx_at) CIN_DX_ARGS(i);
             memcpy(dx + i, &v, sizeof v);
         }
 #pragma omp simd
-    for (ptrdiff_t j = i; j < n; j++) {
-        CIN_T g = dy[j];
-        if (act) g = CIN_FN(cin_act_grad)((x[j] - k) * af + bf, g, act, s);
-        dx[j] = fixed ? a * g : a * g + b * (x[j] - k) + c;
-    }
+    for (ptrdiff_t j = i; j < n; j++) dx[j] = CIN_FN(cin_dx_at) CIN_DX_ARGS(j);
+#undef CIN_DX_ARGS
 }
 
 static void CIN_FN(cin_backward_dx)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,

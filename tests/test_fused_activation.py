@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 
 import cinstnorm as cin
-from cinstnorm import _cpu
 
 import reference as ref
 from helpers import Snapshot, assert_close, fd_grad, layouts, make_affine, make_x
-from test_kernel_paths import simd, streaming  # noqa: F401  (fixtures)
 from test_state_on_failure import assert_same_state, module_state
 
 ACTS = ref.ACTIVATIONS
@@ -56,7 +54,7 @@ def _check(rng, x, dtype, act, residual, affine, n_threads=2, grad=True, dy=None
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", PATH_SHAPES)
-def test_every_path_every_simd(rng, simd, streaming, shape, dtype, act):  # noqa: F811
+def test_every_path_every_simd(rng, simd, streaming, shape, dtype, act):
     x = make_x(rng, shape, dtype)
     r = make_x(rng, shape, dtype)
     _check(rng, x, dtype, act, r, True)

@@ -9,11 +9,7 @@ import cinstnorm as cin
 from cinstnorm import _cpu
 
 import reference as ref
-from helpers import assert_close, assert_sums_close, make_affine, make_x, simd_name
-
-# Every path the build compiles; a path this CPU cannot run is reported as a skip (not left out
-# silently): the x86-64 build always compiles all three, dispatched at run time.
-PATHS = ["baseline", "avx2", "avx512"]
+from helpers import assert_close, assert_sums_close, make_affine, make_x
 
 SHAPES = [
     (3, 5, 7, 9),          # odd plane: scalar tails everywhere
@@ -21,27 +17,6 @@ SHAPES = [
     (1, 1, 300, 301),      # one plane, chunked across threads
     (1, 3, 160, 163),      # fewer planes than chunks
 ]
-
-
-@pytest.fixture(params=PATHS)
-def simd(request):
-    if request.param not in _cpu.simd_supported():
-        pytest.skip(f"this CPU cannot run the {request.param} path "
-                    f"(it runs {', '.join(_cpu.simd_supported())})")
-    before = _cpu.simd_path()
-    assert _cpu.select_simd(request.param).startswith(request.param.replace("avx512", "avx512f"))
-    yield request.param
-    # back to the path in use before (CINSTNORM_SIMD may have forced one: not "auto")
-    _cpu.select_simd(simd_name(before))
-    assert _cpu.simd_path() == before
-
-
-@pytest.fixture(params=[False, True], ids=["cached-stores", "streaming-stores"])
-def streaming(request):
-    before = _cpu.stream_min_bytes()
-    _cpu.set_stream_min_bytes(0 if request.param else 1 << 62)
-    yield request.param
-    _cpu.set_stream_min_bytes(before)
 
 
 def _misaligned_like(x):

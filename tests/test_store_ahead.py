@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 
 import cinstnorm as cin
-from cinstnorm import _cpu
 
-from helpers import simd_name
-
-PATHS = ["baseline", "avx2", "avx512"]
 SHAPES = [
     (4, 6, 8, 8),       # small-plane batches (64 elements)
     (2, 3, 5, 7),       # small planes, scalar tails only
@@ -22,16 +18,6 @@ SHAPES = [
 # Bytes the output sits ahead of the input (mod 4096): inside the window, its edges, outside.
 AHEAD = [16, 64, 128, 256, 4096 + 32, 1 << 20]
 ACTS = [None, "relu", "leaky_relu", "silu", "gelu"]
-
-
-@pytest.fixture(params=PATHS)
-def simd(request):
-    if request.param not in _cpu.simd_supported():
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    before = _cpu.simd_path()
-    _cpu.select_simd(request.param)
-    yield request.param
-    _cpu.select_simd(simd_name(before))
 
 
 class Arena:

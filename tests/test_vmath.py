@@ -14,7 +14,6 @@ import pytest
 
 import cinstnorm as cin
 
-from test_kernel_paths import simd  # noqa: F401  (fixture)
 
 GRID = np.concatenate([np.linspace(-30, 30, 6001), [-1e4, -200, -100, -89.5, -88.2, -87.5,
                                                      -1e-30, 0.0, 1e-30, 87.5, 88.2, 89.5,
@@ -89,7 +88,7 @@ def _tolerance(act, t, eps):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
-def test_dense_grid(simd, act, dtype, layout):  # noqa: F811
+def test_dense_grid(simd, act, dtype, layout):
     b, y, g = _run(act, dtype, layout)
     eps = np.finfo(dtype).eps
     tiny = np.finfo(dtype).tiny
@@ -109,7 +108,7 @@ def test_dense_grid(simd, act, dtype, layout):  # noqa: F811
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_special_values(simd, dtype):  # noqa: F811
+def test_special_values(simd, dtype):
     # the limits torch gives: act(+inf) = inf, act(-inf) = nan (-inf * 0), the tails exact
     b = np.array([np.inf, -np.inf, np.nan, 1e4, -1e4, 0.0], dtype)
     x = np.random.default_rng(1).normal(size=(1, b.size, 3, 3)).astype(dtype)
@@ -121,7 +120,7 @@ def test_special_values(simd, dtype):  # noqa: F811
         assert v[3] == dtype(1e4) and v[4] == 0 and np.signbit(v[4]) and v[5] == 0
 
 
-def test_matches_torch_where_torch_is_accurate(simd):  # noqa: F811
+def test_matches_torch_where_torch_is_accurate(simd):
     torch = pytest.importorskip("torch")
     t = np.linspace(-8, 8, 2001)
     b = t.astype(np.float32)

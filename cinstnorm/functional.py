@@ -526,8 +526,9 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *,
     (True, [128.0, 128.0, 128.0])
     """
     fast = None
-    if bias is None and _unfused(activation, negative_slope, None):
-        fast = _cpu.fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out)
+    if _unfused(activation, negative_slope, None):  # a bias is then only checked
+        fast = _cpu.fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
+                                  False, bias)
     elif code := _valid_activation(activation, negative_slope):
         fast = _cpu.fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
                                   False, bias, code, negative_slope)

@@ -786,6 +786,7 @@ def _environment(threads: int, repeat: int, torch, peers: Optional[dict] = None)
         "python": platform.python_version(), "machine": platform.machine(),
         "processor": cpu_model(), "simd_path": _cpu.simd_path(),
         "llc_bytes": last_level_cache_bytes(), "l2_bytes": l2_cache_bytes(),
+        "output_cache_bytes": _cpu.output_cache_info()[2],
     }
 
 
@@ -868,7 +869,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if run_cpu:
         print("ratios > 1 in torch/cin and numpy/cin: cinstnorm is faster. cin/copy: time over "
               "np.copyto(out, x) of the same bytes;\nforward's uses out= (no page faults for "
-              "y), backward allocates dx as the API does.\n")
+              "y), backward allocates dx as the API does\n(from the output cache: "
+              f"{env.get('output_cache_bytes', 0) >> 20} MiB, see README; "
+              "CINSTNORM_OUTPUT_CACHE_BYTES=0 times fresh buffers).\n")
         print(format_table(cases, geomean))
     if table_peers:
         print(_peers.peers_legend(peer_versions, args.threads))

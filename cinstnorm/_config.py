@@ -19,6 +19,11 @@ DEFAULT_L2_BYTES = 512 * 1024
 # 4 MiB output, are even at 8 to 12 MiB (1.0 to 1.1x with the reader) and save 0.8x (0.75 to
 # 0.9x with the reader) from 16 MiB on, far below the 105 MiB.
 STREAM_BYTES_PER_CORE = 4 * 1024 * 1024
+# Freed results (forward y, backward dx, 1 MiB or more) kept for the next call of the same
+# size, at most this many bytes (src/cin_pool.h; CINSTNORM_OUTPUT_CACHE_BYTES, 0 for none): a
+# fresh buffer's pages are zeroed by the kernel at first touch, which doubled the time of a
+# 64 MiB float64 backward on the Xeon VM.  256 MiB holds the y and dx of a 128 MiB input.
+OUTPUT_CACHE_BYTES = 256 * 1024 * 1024
 
 
 SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
@@ -95,6 +100,31 @@ def configure_kernels_from_env() -> None:
         warnings.warn(f"CINSTNORM_STREAM_MIN_BYTES={stream!r} is not an integer; ignored",
                       RuntimeWarning, stacklevel=2)
         _cpu.set_stream_min_bytes(default)
+    default = default_output_cache_bytes(physical_memory_bytes())
+    cache = os.environ.get("CINSTNORM_OUTPUT_CACHE_BYTES", "").strip()
+    try:
+        nbytes = int(cache) if cache else default
+        if nbytes < 0:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"CINSTNORM_OUTPUT_CACHE_BYTES={cache!r} is not a non-negative integer; "
+                      "ignored", RuntimeWarning, stacklevel=2)
+        nbytes = default
+    _cpu.set_output_cache_bytes(nbytes)
+
+
+def physical_memory_bytes() -> int:
+    """The machine's memory as the OS reports it, else 0 (unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def default_output_cache_bytes(memory: int) -> int:
+    """How many bytes of freed results the output cache keeps by default: OUTPUT_CACHE_BYTES,
+    or an eighth of the machine's memory where that is less (unknown memory: 0, no cache)."""
+    return min(OUTPUT_CACHE_BYTES, memory // 8) if memory > 0 else 0
 
 
 def default_stream_min_bytes(llc: int, cores: int) -> int:

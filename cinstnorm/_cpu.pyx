@@ -26,6 +26,53 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+from cpython.pycapsule cimport PyCapsule_New
+
+cdef extern from "cin_pool.h":
+    ctypedef struct PyDataMem_Handler:
+        pass
+    PyDataMem_Handler cin_pool_handler
+    int cin_pool_count
+    size_t cin_pool_bytes
+    size_t cin_pool_limit
+    size_t cin_pool_min
+    void cin_pool_clear()
+    size_t cin_pool_set_limit(size_t limit)
+    object PyDataMem_SetHandler(object handler)
+
+# The output cache's NumPy memory handler (src/cin_pool.h): the arrays made under it keep it,
+# and their buffers go back to the cache when freed.
+cdef object _pool_capsule = PyCapsule_New(<void *>&cin_pool_handler, "mem_handler", NULL)
+
+
+cdef object _new_output(int nd, cnp.npy_intp *dims, int t):
+    """An uninitialised C-contiguous array for a result (forward y, backward dx), its buffer
+    from the output cache (src/cin_pool.h) when one of its size is there."""
+    cdef object old
+    if cin_pool_limit == 0:
+        return cnp.PyArray_EMPTY(nd, dims, t, 0)
+    old = PyDataMem_SetHandler(_pool_capsule)
+    try:
+        return cnp.PyArray_EMPTY(nd, dims, t, 0)
+    finally:
+        PyDataMem_SetHandler(old)
+
+
+def set_output_cache_bytes(size_t nbytes):
+    """Keep at most nbytes of freed result buffers (0: none, and what is kept is freed);
+    returns the limit in force."""
+    return int(cin_pool_set_limit(nbytes))
+
+
+def output_cache_info():
+    """(buffers kept, bytes kept, limit in bytes, smallest buffer kept)."""
+    return int(cin_pool_count), int(cin_pool_bytes), int(cin_pool_limit), int(cin_pool_min)
+
+
+def empty_output_cache():
+    """Free every kept buffer (the limit stays)."""
+    cin_pool_clear()
+
 ctypedef fused floating:
     float
     double
@@ -1716,8 +1763,8 @@ cdef object _fast_forward(object x, object weight, object bias, object eps, obje
         mean = mem + w.n + b.n
         var = mean + P
         rstd = var + P
-        y = out if out is not None else cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa),
-                                                          cnp.PyArray_DIMS(xa), t, 0)
+        y = out if out is not None else _new_output(cnp.PyArray_NDIM(xa),
+                                                    cnp.PyArray_DIMS(xa), t)
         if mode == FAST_Y_PLANES:
             stats = np.empty((3, P))
             mean = <double *>cnp.PyArray_DATA(<cnp.ndarray>stats)
@@ -1838,8 +1885,8 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
             sums = np.empty((2, P))
             sdy = <double *>cnp.PyArray_DATA(<cnp.ndarray>sums)
             sdyx = sdy + P
-        dx = out if out is not None else cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa),
-                                                           cnp.PyArray_DIMS(xa), t, 0)
+        dx = out if out is not None else _new_output(cnp.PyArray_NDIM(xa),
+                                                     cnp.PyArray_DIMS(xa), t)
         if t == cnp.NPY_FLOAT:
             _backward_planes(<const float *>cnp.PyArray_DATA(ga),
                              <const float *>cnp.PyArray_DATA(xa), P, L, m, r, w,

@@ -1,0 +1,115 @@
+/* A small cache of large freed output buffers, as a NumPy memory handler (NumPy >= 1.22).
+ *
+ * The outputs the fast paths allocate (forward y, backward dx) are made with this handler.
+ * When such an array is freed, its buffer (if at least cin_pool_min bytes) is kept, up to
+ * CIN_POOL_SLOTS buffers and cin_pool_limit bytes in all (the oldest freed first when either
+ * would be passed), and a later output of exactly that size takes it back: its pages are
+ * mapped already.  A fresh buffer of the sizes these outputs have is an mmap of untouched
+ * pages (glibc maps anything over 32 MiB afresh every time, and often smaller ones after a
+ * trim), and the kernel zeroes each page at first touch: a 64 MiB float64 backward into a
+ * fresh dx took 14.5 ms against 6.5 ms into a mapped one on the Xeon VM, torch's 21 ms.
+ *
+ * Only the GIL guards the cache: NumPy allocates and frees array data with the GIL held, and
+ * so do the fast paths.  A free-threaded build (Py_GIL_DISABLED) compiles the cache out. */
+#ifndef CIN_POOL_H
+#define CIN_POOL_H
+
+#include <stdlib.h>
+#include <string.h>
+
+#define CIN_POOL_SLOTS 4
+
+typedef struct { void *p; size_t n; } cin_pool_block;
+static cin_pool_block cin_pool_blocks[CIN_POOL_SLOTS];  /* oldest first */
+static int cin_pool_count = 0;
+static size_t cin_pool_bytes = 0;
+#ifdef Py_GIL_DISABLED
+static size_t cin_pool_limit = 0;
+#else
+static size_t cin_pool_limit = (size_t)256 << 20;
+#endif
+static size_t cin_pool_min = (size_t)1 << 20;
+
+static void cin_pool_drop(int i)
+{
+    cin_pool_bytes -= cin_pool_blocks[i].n;
+    memmove(cin_pool_blocks + i, cin_pool_blocks + i + 1,
+            (size_t)(cin_pool_count - i - 1) * sizeof(cin_pool_block));
+    cin_pool_count--;
+}
+
+static void *cin_pool_malloc(void *ctx, size_t n)
+{
+    (void)ctx;
+    if (n >= cin_pool_min)
+        for (int i = cin_pool_count - 1; i >= 0; i--)
+            if (cin_pool_blocks[i].n == n) {
+                void *p = cin_pool_blocks[i].p;
+                cin_pool_drop(i);
+                return p;
+            }
+    return malloc(n ? n : 1);
+}
+
+static void *cin_pool_calloc(void *ctx, size_t k, size_t n)
+{
+    (void)ctx;
+    return calloc(k ? k : 1, n ? n : 1);
+}
+
+static void *cin_pool_realloc(void *ctx, void *p, size_t n)
+{
+    (void)ctx;
+    return realloc(p, n ? n : 1);
+}
+
+/* Keeps p (n bytes, as NumPy reports the array's size) or frees it. */
+static void cin_pool_free(void *ctx, void *p, size_t n)
+{
+    (void)ctx;
+    if (p == NULL) return;
+    if (n < cin_pool_min || n > cin_pool_limit) {
+        free(p);
+        return;
+    }
+    while (cin_pool_count > 0
+           && (cin_pool_count == CIN_POOL_SLOTS || cin_pool_bytes + n > cin_pool_limit)) {
+        free(cin_pool_blocks[0].p);
+        cin_pool_drop(0);
+    }
+    cin_pool_blocks[cin_pool_count].p = p;
+    cin_pool_blocks[cin_pool_count].n = n;
+    cin_pool_count++;
+    cin_pool_bytes += n;
+}
+
+static void cin_pool_clear(void)
+{
+    while (cin_pool_count > 0) {
+        free(cin_pool_blocks[0].p);
+        cin_pool_drop(0);
+    }
+}
+
+/* limit 0: nothing is kept (and what is, is freed); returns the limit in force (always 0 on a
+ * free-threaded build). */
+static size_t cin_pool_set_limit(size_t limit)
+{
+#ifdef Py_GIL_DISABLED
+    limit = 0;
+#endif
+    cin_pool_limit = limit;
+    while (cin_pool_count > 0 && cin_pool_bytes > cin_pool_limit) {
+        free(cin_pool_blocks[0].p);
+        cin_pool_drop(0);
+    }
+    return cin_pool_limit;
+}
+
+static PyDataMem_Handler cin_pool_handler = {
+    "cinstnorm_output_cache",
+    1,
+    {NULL, cin_pool_malloc, cin_pool_calloc, cin_pool_realloc, cin_pool_free},
+};
+
+#endif

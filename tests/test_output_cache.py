@@ -19,7 +19,7 @@ except ImportError:  # NumPy 1.x
     from numpy.core.multiarray import get_handler_name
 
 MIB = 1 << 20
-SHAPE = (2, 4, 128, 128)  # 1 MiB of float64 per (N, C) pair: 8 MiB in float64, 4 in float32
+SHAPE = (2, 4, 256, 256)  # 4 MiB in float64, 2 MiB in float32: both cached
 
 
 @pytest.fixture
@@ -76,9 +76,15 @@ def test_cached_arrays_are_ordinary_and_values_unchanged(rng, cache, dtype):
 def test_small_results_and_out_are_not_cached(rng, cache):
     x = rng.standard_normal((2, 3, 8, 8))
     y, _, _ = cin.instance_norm_forward(x)
+    assert get_handler_name(y) != "cinstnorm_output_cache"  # under 1 MiB: a plain array
+    del y
+    assert kept() == (0, 0)
+    edge = rng.standard_normal((1, 1, 1, MIB // 8))  # exactly 1 MiB: the cache's
+    y = cin.instance_norm_forward(edge)[0]
     assert get_handler_name(y) == "cinstnorm_output_cache"
     del y
-    assert kept() == (0, 0)  # under 1 MiB: freed at once
+    assert kept() == (1, MIB)
+    cin.empty_output_cache()
     big = rng.standard_normal(SHAPE)
     out = np.empty_like(big)
     cin.instance_norm_forward(big, out=out)

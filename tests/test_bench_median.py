@@ -66,3 +66,34 @@ def test_runs_of_different_cases_are_refused(tool, tmp_path):
         p.write_text(json.dumps(run))
     with pytest.raises(SystemExit, match="differ in their cases"):
         tool.main([str(p) for p in paths])
+
+
+def _timed_run(alloc, out, ort, lat):
+    """One case with the forward's allocating and out= times, a peer ratio and latencies."""
+    case = {"shape": "a", "dtype": "float32",
+            "times": {"cin_forward": {"best": alloc}, "cin_forward_out": {"best": out}},
+            "ratios": {"forward:torch/cin": 2.0, "forward:onnxruntime/cin": ort}}
+    latency = {"cases": [{"shape": "(2,3,8,8)", "dtype": "float32",
+                          "times": {"cin_forward": {"median": lat},
+                                    **({"onnxruntime": {"median": 2 * lat}} if ort else {})}}]}
+    return {"environment": {"threads": 2, "repeat": 7}, "cases": [case],
+            "geomean": {}, "latency": latency}
+
+
+def test_out_ratios_and_latency_medians(tool, tmp_path, capsys):
+    runs = [_timed_run(1.0, 1.2, 2.0, 1e-6), _timed_run(2.0, 1.0, None, 3e-6),
+            _timed_run(1.0, 1.1, 4.0, 2e-6)]
+    table = tool.median_table([tool.with_out_ratios(r) for r in runs], "out_cases",
+                              tool.OUT_COLUMNS).splitlines()
+    # out/alloc per run: 1.2, 0.5, 1.1 -> 1.1; backward untimed: -; ort: median of 2 and 4
+    assert table[2] == "| a | float32 | 1.10 | - | - | 3.00 | - |"
+    lat = tool.latency_table(runs).splitlines()
+    assert lat[0] == "| call | (2,3,8,8) float32 |"
+    assert lat[2] == "| cin_forward | 2.00 |" and lat[3] == "| onnxruntime | 3.00 |"
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert tool.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "| a | float32 | 1.10 | - | - | 3.00 | - |" in out and "| cin_forward | 2.00 |" in out

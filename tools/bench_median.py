@@ -4,8 +4,9 @@
 
 Single runs on a shared machine move by 10-30 % in a few cells (a sample that met a busy
 neighbour or a page-fault storm); the median of an odd number of runs per cell is steadier.
-Prints the main ratio table (torch/cin and cin/copy per direction), the channels-last table
-(cl/nchw and torch cl/cin cl) and each run's own geometric means.  The geomean rows are the
+Prints the main ratio table (torch/cin and cin/copy per direction), the out=/allocating and
+peer (onnxruntime, OpenVINO) table, the small-call latencies, the channels-last table (cl/nchw
+and torch cl/cin cl) and each run's own geometric means.  The geomean rows are the
 geometric means of the median column.
 """
 from __future__ import annotations
@@ -22,6 +23,11 @@ MAIN_COLUMNS = [(f"{label} {kind}", f"{op}:{kind}")
                 for op, label in (("forward", "fwd"), ("backward", "bwd"),
                                   ("forward_backward", "fwd+bwd"))
                 for kind in ("torch/cin", "cin/copy")]
+# out= against the allocating call (<= 1.05 wanted), and the peers' forward into preallocated
+# arrays against cinstnorm's forward into out= (> 1: cinstnorm is faster)
+OUT_COLUMNS = [("fwd out=/alloc", "forward:out/alloc"), ("bwd out=/alloc", "backward:out/alloc"),
+               ("fwd+bwd out=/alloc", "forward_backward:out/alloc"),
+               ("ort/cin", "forward:onnxruntime/cin"), ("ov/cin", "forward:openvino/cin")]
 CL_COLUMNS = [("fwd cl/nchw", "forward:cl/nchw"), ("bwd cl/nchw", "backward:cl/nchw"),
               ("torch cl/cin cl", "forward:torch_cl/cin_cl")]
 
@@ -55,6 +61,41 @@ def median_table(runs: Sequence[dict], key: str, columns) -> str:
     return "\n".join(lines)
 
 
+def with_out_ratios(run: dict) -> dict:
+    """The run with "out_cases": its cases with the out=/allocating time ratios added (from
+    the best times; None where a time is missing)."""
+    cases = []
+    for c in run.get("cases", []):
+        ratios = dict(c.get("ratios", {}))
+        times = c.get("times", {})
+        for op in ("forward", "backward", "forward_backward"):
+            alloc, out = times.get(f"cin_{op}"), times.get(f"cin_{op}_out")
+            ratios[f"{op}:out/alloc"] = out["best"] / alloc["best"] if alloc and out else None
+        for k in ("forward:onnxruntime/cin", "forward:openvino/cin"):
+            ratios.setdefault(k, None)
+        cases.append(dict(c, ratios=ratios))
+    return dict(run, out_cases=cases)
+
+
+def latency_table(runs: Sequence[dict]) -> str:
+    """Markdown table of the small-call latencies (µs), the median over runs of each call's
+    median time; "-" where a run has no such call."""
+    first = runs[0]["latency"]["cases"]
+    calls = []
+    for c in first:
+        calls += [k for k in c["times"] if k not in calls]
+    lines = ["| call | " + " | ".join(f"{c['shape']} {c['dtype']}" for c in first) + " |",
+             "|---|" + "---|" * len(first)]
+    for k in calls:
+        cells = []
+        for j in range(len(first)):
+            got = [r["latency"]["cases"][j]["times"][k]["median"] for r in runs
+                   if k in r["latency"]["cases"][j]["times"]]
+            cells.append(f"{statistics.median(got) * 1e6:.2f}" if got else "-")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_geomeans(runs: Sequence[dict], key: str, columns) -> str:
     """Each run's own geometric means of the given ratio columns."""
     parts = []
@@ -85,6 +126,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if runs[0].get("cases"):
         print(median_table(runs, "cases", MAIN_COLUMNS) + "\n")
         print("Per-run geomeans: " + run_geomeans(runs, "geomean", MAIN_COLUMNS) + "\n")
+        print(median_table([with_out_ratios(r) for r in runs], "out_cases", OUT_COLUMNS)
+              + "\n")
+    if all(r.get("latency", {}).get("cases") for r in runs):
+        print("Small-call latency, µs (median over the runs of each call's median):\n")
+        print(latency_table(runs) + "\n")
     if runs[0].get("channels_last_cases"):
         print(median_table(runs, "channels_last_cases", CL_COLUMNS) + "\n")
         print("Per-run geomeans: "

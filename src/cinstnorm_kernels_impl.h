@@ -45,9 +45,26 @@ static inline int cin_store_ahead(const void *out, const void *in)
  * what small planes, several sums per plane, wait on. */
 typedef CIN_T CIN_FN(cin_v32) __attribute__((vector_size(32)));
 typedef CIN_T CIN_FN(cin_v16) __attribute__((vector_size(16)));
+#if (defined(__clang__) || __GNUC__ >= 12) && defined(CIN_TBYTES)
+/* the halves of a vector in registers (vextract): the memcpy below made GCC 12 store a
+ * 64-byte sum to the stack and load its halves back, twice per plane for the backward sums */
+#if CIN_TBYTES == 4
+#define CIN_LO32(v) __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+#define CIN_HI32(v) __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
+#define CIN_LO16(v) __builtin_shufflevector(v, v, 0, 1, 2, 3)
+#define CIN_HI16(v) __builtin_shufflevector(v, v, 4, 5, 6, 7)
+#else
+#define CIN_LO32(v) __builtin_shufflevector(v, v, 0, 1, 2, 3)
+#define CIN_HI32(v) __builtin_shufflevector(v, v, 4, 5, 6, 7)
+#define CIN_LO16(v) __builtin_shufflevector(v, v, 0, 1)
+#define CIN_HI16(v) __builtin_shufflevector(v, v, 2, 3)
+#endif
+#endif
 static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 {
-#if CIN_VEC_BYTES == 64
+#if CIN_VEC_BYTES == 64 && defined(CIN_LO32)
+    CIN_FN(cin_v32) lo32 = CIN_LO32(v) + CIN_HI32(v);
+#elif CIN_VEC_BYTES == 64
     CIN_FN(cin_v32) lo32, hi32;
     memcpy(&lo32, &v, 32);
     memcpy(&hi32, (const char *)&v + 32, 32);
@@ -55,7 +72,9 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 #elif CIN_VEC_BYTES == 32
     CIN_FN(cin_v32) lo32 = v;
 #endif
-#if CIN_VEC_BYTES >= 32
+#if CIN_VEC_BYTES >= 32 && defined(CIN_LO16)
+    CIN_FN(cin_v16) q = CIN_LO16(lo32) + CIN_HI16(lo32);
+#elif CIN_VEC_BYTES >= 32
     CIN_FN(cin_v16) q, hi16;
     memcpy(&q, &lo32, 16);
     memcpy(&hi16, (const char *)&lo32 + 16, 16);
@@ -68,6 +87,10 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
     if (sizeof(CIN_T) == 4) return (q[0] + q[2]) + (q[1] + q[3]);
     return q[0] + q[1];
 }
+#undef CIN_LO32
+#undef CIN_HI32
+#undef CIN_LO16
+#undef CIN_HI16
 
 /* ---- fused activations (codes CIN_ACT_*, see cinstnorm_kernels.h) --------------------------
  * ReLU and LeakyReLU are selects in registers; SiLU, GELU and GELU-tanh use the vector exp

@@ -109,7 +109,18 @@ static CIN_ALWAYS_INLINE CIN_T CIN_FN(cin_act)(CIN_T t, int act, CIN_T s)
 {
     switch (act) {
     case CIN_ACT_RELU: return t < (CIN_T)0 ? (CIN_T)0 : t;   /* keeps NaN */
-    case CIN_ACT_LEAKY_RELU: return t < (CIN_T)0 ? t * s : t;
+    case CIN_ACT_LEAKY_RELU: {
+        /* the bit select of cin_vact, not t < 0 ? t * s : t: t * s then feeds no add (a
+         * select did, and GCC fused t * s + residual in some of the versions of a vectorized
+         * loop and not others: AVX2 results differed in the last bits with the alignment) */
+        CIN_T ts = t * s;
+        CIN_UT bt, bs, m = (CIN_UT)0 - (CIN_UT)(t < (CIN_T)0);
+        memcpy(&bt, &t, sizeof bt);
+        memcpy(&bs, &ts, sizeof bs);
+        bt = (bt & ~m) | (bs & m);
+        memcpy(&ts, &bt, sizeof ts);
+        return ts;
+    }
     case CIN_ACT_SILU: return CIN_VSCALAR(CIN_FN(cin_vsilu), bz_ + t);
     case CIN_ACT_GELU: return CIN_VSCALAR(CIN_FN(cin_vgelu), bz_ + t);
     case CIN_ACT_GELU_TANH: return CIN_VSCALAR(CIN_FN(cin_vgelu_tanh), bz_ + t);

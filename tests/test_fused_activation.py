@@ -61,6 +61,59 @@ def test_every_path_every_simd(rng, simd, streaming, shape, dtype, act):
     _check(rng, _channels_last(x), dtype, act, _channels_last(r), True)
 
 
+def _at_offset(a, offset, keep):
+    """a's values in a C-contiguous array starting `offset` bytes past a 64-byte boundary (the
+    buffer appended to keep)."""
+    raw = np.zeros(a.nbytes + 128, np.uint8)
+    keep.append(raw)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, layout", [((2, 3, 5, 7), "nchw"), ((2, 2, 40, 33), "nchw"),
+                                           ((1, 1, 300, 301), "nchw"), ((2, 3, 6, 7), "cl")])
+def test_same_bits_whatever_the_alignment(rng, simd, shape, layout, dtype, act):
+    # a fused forward with a residual gives the same bits wherever x, the residual and y sit
+    # relative to a cache line (GCC makes several versions of a vectorized loop, by
+    # alignment; a LeakyReLU select feeding the residual's add was fused into an FMA in some
+    # of them, on the AVX2 path); the backward likewise
+    x = make_x(rng, shape, dtype)
+    res = make_x(rng, shape, dtype)
+    dy = make_x(rng, shape, dtype)
+    w, b = make_affine(rng, shape[1], dtype)
+    if layout == "cl":
+        x, res, dy = _channels_last(x), _channels_last(res), _channels_last(dy)
+    item = np.dtype(dtype).itemsize
+    first = None
+    for xo, ro, yo in [(0, 0, 0), (item, 0, 0), (0, 3 * item, 0), (0, 0, 8), (24, 40, 8),
+                       (40, 24, 56), (item, 5 * item, 3 * item)]:
+        keep = []
+        if layout == "cl":  # the offsets apply to the (N, *spatial, C) memory
+            perm = (0,) + tuple(range(2, len(shape))) + (1,)
+            back = tuple(np.argsort(perm))
+            xx, rr = (_at_offset(np.ascontiguousarray(a.transpose(perm)), o, keep).transpose(back)
+                      for a, o in ((x, xo), (res, ro)))
+            gg = _at_offset(np.ascontiguousarray(dy.transpose(perm)), ro, keep).transpose(back)
+            out = _at_offset(np.zeros(xx.transpose(perm).shape, dtype), yo, keep).transpose(back)
+        else:
+            xx, rr, gg = _at_offset(x, xo, keep), _at_offset(res, ro, keep), _at_offset(dy, ro, keep)
+            out = _at_offset(np.zeros(shape, dtype), yo, keep)
+        y, mean, rstd = cin.instance_norm_forward(xx, w, b, activation=act, negative_slope=SLOPE,
+                                                  residual=rr, out=out)
+        dx = cin.instance_norm_backward(gg, xx, mean, rstd, w, b, activation=act,
+                                        negative_slope=SLOPE)[0]
+        got = (np.array(y), np.array(dx))
+        if first is None:
+            first = got
+        else:
+            assert np.array_equal(got[0], first[0]), f"forward, offsets {xo, ro, yo}"
+            assert np.array_equal(got[1], first[1]), f"backward, offsets {xo, ro, yo}"
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -76,6 +76,15 @@ static void *cin_pool_realloc(void *ctx, void *p, size_t n)
     return realloc(p, n ? n : 1);
 }
 
+/* Frees the oldest kept buffers until at most `slots` are kept and at most `limit` bytes. */
+static void cin_pool_evict(size_t limit, int slots)
+{
+    while (cin_pool_count > 0 && (cin_pool_count > slots || cin_pool_bytes > limit)) {
+        free(cin_pool_blocks[0].p);
+        cin_pool_drop(0);
+    }
+}
+
 /* Keeps p (n bytes, as NumPy reports the array's size) or frees it. */
 static void cin_pool_free(void *ctx, void *p, size_t n)
 {
@@ -85,24 +94,14 @@ static void cin_pool_free(void *ctx, void *p, size_t n)
         free(p);
         return;
     }
-    while (cin_pool_count > 0
-           && (cin_pool_count == CIN_POOL_SLOTS || cin_pool_bytes + n > cin_pool_limit)) {
-        free(cin_pool_blocks[0].p);
-        cin_pool_drop(0);
-    }
+    cin_pool_evict(cin_pool_limit - n, CIN_POOL_SLOTS - 1);  /* room for p */
     cin_pool_blocks[cin_pool_count].p = p;
     cin_pool_blocks[cin_pool_count].n = n;
     cin_pool_count++;
     cin_pool_bytes += n;
 }
 
-static void cin_pool_clear(void)
-{
-    while (cin_pool_count > 0) {
-        free(cin_pool_blocks[0].p);
-        cin_pool_drop(0);
-    }
-}
+static void cin_pool_clear(void) { cin_pool_evict(0, 0); }
 
 /* limit 0: nothing is kept (and what is, is freed); returns the limit in force (always 0 on a
  * free-threaded build). */
@@ -112,10 +111,7 @@ static size_t cin_pool_set_limit(size_t limit)
     limit = 0;
 #endif
     cin_pool_limit = limit;
-    while (cin_pool_count > 0 && cin_pool_bytes > cin_pool_limit) {
-        free(cin_pool_blocks[0].p);
-        cin_pool_drop(0);
-    }
+    cin_pool_evict(limit, CIN_POOL_SLOTS);
     return cin_pool_limit;
 }
 

@@ -19,9 +19,12 @@ SUMMARY = re.compile(r"^fuzz: (\d+) calls, (\d+) crashes, (\d+) expected excepti
 DETAILS = re.compile(r"(\d+) hangs, (\d+) unexpected exceptions, (\d+) wrong results")
 
 
-def run_campaign(out, *args, timeout=300):
-    """Run tools/fuzz.py; returns (process, dict of the figures it reported)."""
+def run_campaign(out, *args, timeout=300, tmpdir=None):
+    """Run tools/fuzz.py (with TMPDIR=tmpdir when given); returns (process, dict of the
+    figures it reported)."""
     env = dict(os.environ)
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     for name in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):  # sanitizer reports on stderr, where the
         if name in env:                               # campaign looks for them
@@ -63,9 +66,13 @@ def test_short_campaign_has_no_wrong_result(campaign):
 
 def test_crash_is_reported_with_a_reproducer(tmp_path):
     # the worker kills itself with SIGSEGV (a stand-in for a crashing kernel) after 20 cases
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc, f = run_campaign(tmp_path, "--seconds", "3", "--seed", "7",
-                           "--inject-crash-after", "20")
+                           "--inject-crash-after", "20", tmpdir=tmp)
     assert proc.returncode == 1
+    # the crashed workers' scratch folders are gone with the parent's (they were left in /tmp)
+    assert os.listdir(tmp) == []
     # a signal, or under AddressSanitizer/UBSan the sanitizer's report
     assert f["crashes"] >= 1
     assert any(w in proc.stdout for w in ("SIGSEGV", "Sanitizer", "runtime error")), proc.stdout

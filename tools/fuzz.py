@@ -33,6 +33,7 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -914,7 +915,10 @@ def worker(args):
     problems_path = state_path + ".problems"
     calls = expected = 0
     deadline = time.monotonic() + args.seconds
-    tmpdir = tempfile.mkdtemp(prefix="cinstnorm-fuzz-")
+    # beside the state file, in the parent's folder: the parent removes it however the
+    # worker ends (a crashed or killed worker cannot)
+    tmpdir = state_path + ".tmp"
+    os.makedirs(tmpdir, exist_ok=True)
     cases = 0
     while time.monotonic() < deadline and calls < args.max_calls:
         case = gen.case()
@@ -1042,6 +1046,7 @@ class Campaign:
         for path in (w["state"],):
             if os.path.exists(path):
                 os.unlink(path)
+        shutil.rmtree(w["state"] + ".tmp", ignore_errors=True)
 
     def run(self):
         args = self.args

@@ -264,20 +264,41 @@ cdef inline double _param_pc(const double[::1] a, Py_ssize_t p, Py_ssize_t c,
 
 
 cdef struct _Param:
-    # A per-plane parameter as the pointer drivers read it: n values (P, C, or 0: none)
+    # A per-plane parameter as the pointer drivers read it: n values (P, C, or 0: none).
+    # f: NULL, or (n == P) the float32 values not yet converted into p, which is then the
+    # caller's scratch: a driver converts each plane's value before it reads it
+    # (_param_convert, by every thread for its own planes) or all of them up front
+    # (_param_ready); the fast backward defers it so that it runs in the parallel region.
     const double *p
     Py_ssize_t n
+    const float *f
 
 
 # no parameter (the kernels then use 1, or 0 for a shift)
-cdef _Param _NONE_PARAM = _Param(NULL, 0)
+cdef _Param _NONE_PARAM = _Param(NULL, 0, NULL)
 
 
 cdef inline _Param _mv_param(const double[::1] a) noexcept nogil:
     cdef _Param r
     r.n = a.shape[0]
     r.p = &a[0] if r.n else NULL
+    r.f = NULL
     return r
+
+
+cdef inline void _param_convert(_Param a, Py_ssize_t lo, Py_ssize_t n) noexcept nogil:
+    """Planes lo .. lo + n of a deferred float32 parameter into its float64 scratch."""
+    cdef double *d = <double *>a.p
+    cdef Py_ssize_t i
+    if a.f != NULL:
+        for i in range(lo, lo + n):
+            d[i] = <double>a.f[i]
+
+
+cdef inline void _param_ready(_Param *a) noexcept nogil:
+    """All of a deferred parameter's values converted: a plain float64 _Param from now on."""
+    _param_convert(a[0], 0, a.n)
+    a.f = NULL
 
 
 cdef inline double _pparam(_Param a, Py_ssize_t p, double fill) noexcept nogil:
@@ -542,6 +563,58 @@ cdef int _normalize_impl(const floating[:, ::1] x,         # IN  (P, L)
     return 0
 
 
+# Channels summed together by _channel_sums: one block's running sums live on the stack;
+# the backward's reduction in its parallel region splits the channels in _CSUM_TASK ones.
+cdef enum:
+    _CSUM_BLOCK = 256
+    _CSUM_TASK = 64
+
+
+cdef void _channel_sums(const double *s, Py_ssize_t N, Py_ssize_t C, int t, void *dst,
+                        Py_ssize_t c_lo=0, Py_ssize_t c_hi=-1) noexcept nogil:
+    """dst[c] = sum over n of s[n * C + c] for c in c_lo .. c_hi (-1: C), added in order of
+    n, in x's dtype.  The sums run row by row over a block of channels: each channel's adds
+    stay in order of n (the same bits as a loop over n per channel), while the loads run along
+    memory and the block's chains of adds overlap (a loop over n per channel, one dependent add
+    per strided load, took 9 us for the (64, 256) sums of a tiny-plane backward, twice per
+    call; this 3.4 us)."""
+    cdef Py_ssize_t n, c, c0, nb
+    cdef double acc[_CSUM_BLOCK]
+    cdef const double *row
+    cdef float *f = <float *>dst
+    cdef double *d = <double *>dst
+    if c_hi < 0:
+        c_hi = C
+    c0 = c_lo
+    while c0 < c_hi:
+        nb = c_hi - c0 if c_hi - c0 < _CSUM_BLOCK else _CSUM_BLOCK
+        for c in range(nb):
+            acc[c] = s[c0 + c]
+        for n in range(1, N):
+            row = s + n * C + c0
+            for c in range(nb):
+                acc[c] = acc[c] + row[c]
+        if t == cnp.NPY_FLOAT:
+            for c in range(nb):
+                f[c0 + c] = <float>acc[c]
+        else:
+            for c in range(nb):
+                d[c0 + c] = acc[c]
+        c0 += nb
+
+
+cdef struct _Reduce:
+    # dweight and dbias as the fast backward returns them: dw[c] = sum over n of
+    # sum_dy_xhat[n * C + c], db likewise of sum_dy, in dtype t (_channel_sums); N == 0: none
+    Py_ssize_t N
+    int t
+    void *dw
+    void *db
+
+
+cdef _Reduce _NO_REDUCE = _Reduce(0, 0, NULL, NULL)
+
+
 cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                           const floating *x,    # IN  (P, L)
                           Py_ssize_t P, Py_ssize_t L,
@@ -555,17 +628,18 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                           int n_threads,
                           _Param bias,          # IN  (P,), (C,) or none: the forward's shift
                                                 #     (read only with an activation)
-                          int act, double slope) except -1:
+                          int act, double slope,
+                          _Reduce red=_NO_REDUCE) except -1:
     """dx and the per-plane sums that dweight/dbias reduce from, through the activation `act`
-    (the gradient g = dy * act'(t) takes dy's place, t recomputed from x)."""
+    (the gradient g = dy * act'(t) takes dy's place, t recomputed from x), and with red.N
+    those reductions (C = P / red.N).  Deferred float32 parameters (_Param.f) are converted
+    by the small-plane batches for their own planes, up front on the other paths."""
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
-    cdef Py_ssize_t p, i, j, lo, hi
-    cdef double inv_l = 1.0 / <double>L, sg, sc
-    cdef double *cg
-    cdef double *cc
-    cdef floating *gs
+    cdef Py_ssize_t p, i, j
+    cdef Py_ssize_t C = P // red.N if red.N else 0
+    cdef Py_ssize_t ntask = (C + _CSUM_TASK - 1) // _CSUM_TASK
     global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region
@@ -573,23 +647,70 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
             with nogil:
                 for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
                     p = i * CIN_SMALL_BATCH
-                    _small_backward(dy + p * L, x + p * L, dx + p * L,
-                                    min(CIN_SMALL_BATCH, P - p), L, p, mean, rstd, weight,
-                                    use_input_stats, sum_dy + p, sum_dy_xhat + p, bias, act,
-                                    slope, stream)
+                    _small_backward_batch(dy, x, dx, P, L, p, mean, rstd, weight,
+                                          use_input_stats, sum_dy, sum_dy_xhat, bias, act,
+                                          slope, stream)
                 if stream:  # the batch kernels do not fence
                     cin_store_fence()
+                if red.N:
+                    _channel_sums(sum_dy_xhat, red.N, C, red.t, red.dw)
+                    _channel_sums(sum_dy, red.N, C, red.t, red.db)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
             for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
-                p = i * CIN_SMALL_BATCH
-                _small_backward(dy + p * L, x + p * L, dx + p * L, min(CIN_SMALL_BATCH, P - p),
-                                L, p, mean, rstd, weight, use_input_stats, sum_dy + p,
-                                sum_dy_xhat + p, bias, act, slope, stream)
+                _small_backward_batch(dy, x, dx, P, L, i * CIN_SMALL_BATCH, mean, rstd, weight,
+                                      use_input_stats, sum_dy, sum_dy_xhat, bias, act, slope,
+                                      stream)
             if stream:  # each thread, after its batches (the batch kernels do not fence)
                 cin_store_fence()
+            if red.N:  # dweight, dbias: blocks of channels, each summed in order of n
+                cin_barrier()
+                for i in prange(2 * ntask, schedule='static'):
+                    j = i % ntask
+                    _channel_sums(sum_dy_xhat if i < ntask else sum_dy, red.N, C, red.t,
+                                  red.dw if i < ntask else red.db, j * _CSUM_TASK,
+                                  min(C, (j + 1) * _CSUM_TASK))
         return 0
+    _param_ready(&mean)
+    _param_ready(&rstd)
+    _param_ready(&weight)
+    _param_ready(&bias)
+    _backward_planes_large(dy, x, P, L, k, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
+                           use_input_stats, n_threads, bias, act, slope, stream)
+    if red.N:
+        _channel_sums(sum_dy_xhat, red.N, C, red.t, red.dw)
+        _channel_sums(sum_dy, red.N, C, red.t, red.db)
+    return 0
+
+
+cdef inline void _small_backward_batch(const floating *dy, const floating *x, floating *dx,
+                                       Py_ssize_t P, Py_ssize_t L, Py_ssize_t p, _Param m,
+                                       _Param r, _Param w, bint use_input_stats, double *sdy,
+                                       double *sdyx, _Param b, int act, double slope,
+                                       int stream) noexcept nogil:
+    """The small-plane batch of planes p .. p + CIN_SMALL_BATCH (at most P), its deferred
+    parameters converted first."""
+    cdef Py_ssize_t n = min(CIN_SMALL_BATCH, P - p)
+    _param_convert(m, p, n)
+    _param_convert(r, p, n)
+    _param_convert(w, p, n)
+    _param_convert(b, p, n)
+    _small_backward(dy + p * L, x + p * L, dx + p * L, n, L, p, m, r, w, use_input_stats,
+                    sdy + p, sdyx + p, b, act, slope, stream)
+
+
+cdef int _backward_planes_large(const floating *dy, const floating *x, Py_ssize_t P,
+                                Py_ssize_t L, Py_ssize_t k, _Param mean, _Param rstd,
+                                _Param weight, floating *dx, double *sum_dy,
+                                double *sum_dy_xhat, bint use_input_stats, int n_threads,
+                                _Param bias, int act, double slope, int stream) except -1:
+    """_backward_planes of planes larger than CIN_BLOCK (or split in k chunks)."""
+    cdef Py_ssize_t p, i, j, lo, hi
+    cdef double inv_l = 1.0 / <double>L, sg, sc
+    cdef double *cg
+    cdef double *cc
+    cdef floating *gs
     if k == 1:
         # SiLU and the GELUs are compute bound: g = dy * act'(t) once per plane, into a
         # thread's scratch gs (cache resident), then the plain sums and dx passes on it: the
@@ -1589,14 +1710,16 @@ cdef enum:
 
 
 cdef int _load_param(object a, Py_ssize_t N, Py_ssize_t C, int shapes, double *buf,
-                     _Param *out) noexcept:
+                     _Param *out, bint defer=False) noexcept:
     """A dense parameter of one of `shapes` ((C,), (N, C), (N*C,)) as the kernels read it:
-    float64 in place, float32 converted into buf (room for N*C); None: no parameter.
+    float64 in place, float32 converted into buf (room for N*C), or with `defer` and N*C
+    values left for the driver to convert (out.f; see _Param); None: no parameter.
     Returns 0, or -1 for anything else (the full path takes it)."""
     cdef cnp.ndarray arr
     cdef int nd
     cdef Py_ssize_t n, i
     cdef const float *f
+    out.f = NULL
     if a is None:
         out.p = NULL
         out.n = 0
@@ -1619,9 +1742,12 @@ cdef int _load_param(object a, Py_ssize_t N, Py_ssize_t C, int shapes, double *b
         out.p = <const double *>cnp.PyArray_DATA(arr)
         return 0
     f = <const float *>cnp.PyArray_DATA(arr)
+    out.p = buf
+    if defer and n == N * C:
+        out.f = f
+        return 0
     for i in range(n):
         buf[i] = <double>f[i]
-    out.p = buf
     return 0
 
 
@@ -1656,41 +1782,6 @@ cdef void _to_dtype(const double *s, Py_ssize_t n, int t, void *dst) noexcept no
     else:
         for i in range(n):
             d[i] = s[i]
-
-
-# Channels summed together by _channel_sums: one block's running sums live on the stack.
-cdef enum:
-    _CSUM_BLOCK = 256
-
-
-cdef void _channel_sums(const double *s, Py_ssize_t N, Py_ssize_t C, int t,
-                        void *dst) noexcept nogil:
-    """dst[c] = sum over n of s[n * C + c], added in order of n, in x's dtype.  The sums run
-    row by row over a block of channels: each channel's adds stay in order of n (the same
-    bits as a loop over n per channel), while the loads run along memory and the block's
-    chains of adds overlap (a loop over n per channel, one dependent add per strided load,
-    took 9 us for the (64, 256) sums of a tiny-plane backward, twice per call; this 3.4 us)."""
-    cdef Py_ssize_t n, c, c0, nb
-    cdef double acc[_CSUM_BLOCK]
-    cdef const double *row
-    cdef float *f = <float *>dst
-    cdef double *d = <double *>dst
-    c0 = 0
-    while c0 < C:
-        nb = C - c0 if C - c0 < _CSUM_BLOCK else _CSUM_BLOCK
-        for c in range(nb):
-            acc[c] = s[c0 + c]
-        for n in range(1, N):
-            row = s + n * C + c0
-            for c in range(nb):
-                acc[c] = acc[c] + row[c]
-        if t == cnp.NPY_FLOAT:
-            for c in range(nb):
-                f[c0 + c] = <float>acc[c]
-        else:
-            for c in range(nb):
-                d[c0 + c] = acc[c]
-        c0 += nb
 
 
 def channel_sums(double[::1] sums, Py_ssize_t N, Py_ssize_t C, dtype, acc=None):
@@ -1849,6 +1940,7 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
     cdef double *sdy
     cdef double *sdyx
     cdef _Param m, r, w, bp
+    cdef _Reduce red = _NO_REDUCE
     # the public call's (N, C) or (C,) parameters; the modules' saved (P,) statistics too
     cdef int shapes = _SHAPE_C | _SHAPE_NC | (_SHAPE_P if planes else 0)
     if t < 0 or _dense_type(dy) != t:
@@ -1880,11 +1972,14 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
     need = 6 * P
     mem = _scratch(need, stack)
     try:
-        if (_load_param(mean, N, C, shapes, mem, &m) < 0
-                or _load_param(rstd, N, C, shapes, mem + P, &r) < 0
-                or _load_param(weight, N, C, shapes, mem + 2 * P, &w) < 0
-                or _load_param(bias, N, C, shapes, mem + 5 * P, &bp) < 0):
+        # float32 (N, C) statistics and weights: converted by the kernels' threads
+        if (_load_param(mean, N, C, shapes, mem, &m, True) < 0
+                or _load_param(rstd, N, C, shapes, mem + P, &r, True) < 0
+                or _load_param(weight, N, C, shapes, mem + 2 * P, &w, True) < 0
+                or _load_param(bias, N, C, shapes, mem + 5 * P, &bp, True) < 0):
             return None
+        if act == 0:  # the bias is read only through an activation: its shape was checked
+            bp = _NONE_PARAM
         sdy = mem + 3 * P
         sdyx = sdy + P
         if planes:
@@ -1893,30 +1988,34 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
             sdyx = sdy + P
         dx = out if out is not None else _new_output(cnp.PyArray_NDIM(xa),
                                                      cnp.PyArray_DIMS(xa), t)
+        # per-channel dweight and dbias: summed over n by the kernels' threads
+        per_channel = (weight is not None and not planes
+                       and not (w.n == P and cnp.PyArray_NDIM(<cnp.ndarray>weight) == 2))
+        if per_channel:
+            dw = _c_array(C, t)
+            db = _c_array(C, t)
+            red = _Reduce(N, t, cnp.PyArray_DATA(<cnp.ndarray>dw),
+                          cnp.PyArray_DATA(<cnp.ndarray>db))
         if t == cnp.NPY_FLOAT:
             _backward_planes(<const float *>cnp.PyArray_DATA(ga),
                              <const float *>cnp.PyArray_DATA(xa), P, L, m, r, w,
                              <float *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt,
-                             bp, act, slope)
+                             bp, act, slope, red)
         else:
             _backward_planes(<const double *>cnp.PyArray_DATA(ga),
                              <const double *>cnp.PyArray_DATA(xa), P, L, m, r, w,
                              <double *>cnp.PyArray_DATA(<cnp.ndarray>dx), sdy, sdyx, use, nt,
-                             bp, act, slope)
+                             bp, act, slope, red)
         if planes:
             return dx, sums
         if weight is None:
             return dx, None, None
-        if w.n == P and cnp.PyArray_NDIM(<cnp.ndarray>weight) == 2:  # per sample: per plane
-            dw = _nc_array(N, C, t)
-            db = _nc_array(N, C, t)
-            _to_dtype(sdyx, P, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
-            _to_dtype(sdy, P, t, cnp.PyArray_DATA(<cnp.ndarray>db))
+        if per_channel:
             return dx, dw, db
-        dw = _c_array(C, t)
-        db = _c_array(C, t)
-        _channel_sums(sdyx, N, C, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
-        _channel_sums(sdy, N, C, t, cnp.PyArray_DATA(<cnp.ndarray>db))
+        dw = _nc_array(N, C, t)  # per sample: per plane
+        db = _nc_array(N, C, t)
+        _to_dtype(sdyx, P, t, cnp.PyArray_DATA(<cnp.ndarray>dw))
+        _to_dtype(sdy, P, t, cnp.PyArray_DATA(<cnp.ndarray>db))
         return dx, dw, db
     finally:
         if mem != &stack[0]:

@@ -518,6 +518,37 @@ def test_channel_sums_bitwise_in_order_of_n(N, C):
                           np.array(want).astype(np.float32))
 
 
+@pytest.mark.parametrize("N, C", [(1, 5), (3, 63), (5, 64), (4, 65), (3, 200), (2, 129)])
+@pytest.mark.parametrize("L", [9, 64, 1500])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_backward_converts_and_reduces_in_its_threads(rng, N, C, L, n_threads):
+    # float32 (N, C) statistics and (N, C) weights are converted to float64 by the kernels'
+    # threads, each for its own batches of planes, and the per-channel dweight and dbias are
+    # summed over n in the parallel region, a block of channels per thread: the same bits as
+    # float64 parameters given converted, and as in-order sums of the per-plane sums, at any
+    # thread count and batch boundary (N * C planes not a multiple of the batch; L = 1500: the
+    # whole-plane path, which converts up front)
+    x = rng.standard_normal((N, C, L)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal(C).astype(np.float32)
+    _, mean, rstd = cin.instance_norm_forward(x, w)
+    m64, r64 = mean.astype(np.float64), rstd.astype(np.float64)
+    dx, dw, db = _cpu.fast_backward(dy, x, mean, rstd, w, True, n_threads, None)
+    dx64, dw64, db64 = _cpu.fast_backward(dy, x, m64, r64, w.astype(np.float64), True, 1, None)
+    assert_identical((dx, dw, db), (dx64, dw64, db64))
+    _, sums = _cpu.fast_backward(dy, x, mean.ravel(), rstd.ravel(), np.tile(w, N), True,
+                                 n_threads, None, True)
+    for got, s in ((db, sums[0]), (dw, sums[1])):
+        want = s.reshape(N, C)[0].copy()
+        for n in range(1, N):
+            want = want + s.reshape(N, C)[n]
+        assert np.array_equal(got, want.astype(np.float32))
+    wn = np.tile(w, (N, 1)) * np.float32(1.5)  # per sample: (N, C) float32, deferred too
+    got = _cpu.fast_backward(dy, x, mean, rstd, wn, True, n_threads, None)
+    want = _cpu.fast_backward(dy, x, m64, r64, wn.astype(np.float64), True, 1, None)
+    assert_identical(got, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_channel_sums_accumulate_in_float64(dtype):
     s = np.array([0.1, 0.2, 0.3, 0.4])  # (N, C) = (2, 2)

@@ -147,6 +147,24 @@ def test_resized_result_is_freed_at_its_new_size(rng, cache):
     assert kept() == (1, 2 * x.nbytes)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 256, 256), (2, 4, 256, 256), (4, 4, 256, 256)])
+def test_results_sit_half_a_page_in(rng, cache, shape):
+    # 2 KiB into a page (numpy's large arrays start 16 bytes in: a result at another offset
+    # has no store 4 KiB from the same element's input loads), from 4 MiB on in a 2 MiB-aligned
+    # block (huge pages for all of it); a resize keeps the values and the placement
+    x = rng.standard_normal(shape)
+    y = cin.instance_norm_forward(x)[0]
+    assert y.ctypes.data % 4096 == 2048 and y.ctypes.data % 64 == 0
+    if y.nbytes >= 4 * MIB:
+        assert (y.ctypes.data - 2048) % (2 * MIB) == 0
+    want = y.copy()
+    y.resize((3 * x.size,), refcheck=False)
+    assert y.ctypes.data % 4096 == 2048
+    assert np.array_equal(y[:x.size], want.ravel())
+    y.resize((x.size // 2,), refcheck=False)
+    assert np.array_equal(y, want.ravel()[:x.size // 2])
+
+
 def test_threads_share_the_cache(rng, cache):
     x = rng.standard_normal(SHAPE)
     dy = rng.standard_normal(SHAPE)

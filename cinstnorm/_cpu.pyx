@@ -615,6 +615,21 @@ cdef struct _Reduce:
 cdef _Reduce _NO_REDUCE = _Reduce(0, 0, NULL, NULL)
 
 
+cdef inline Py_ssize_t _reduce_tasks(_Reduce red, Py_ssize_t P) noexcept nogil:
+    """The tasks of red: _CSUM_TASK channels of dweight, then the same of dbias."""
+    cdef Py_ssize_t C = P // red.N if red.N else 0
+    return 2 * ((C + _CSUM_TASK - 1) // _CSUM_TASK)
+
+
+cdef inline void _reduce_task(_Reduce red, Py_ssize_t P, const double *sum_dy,
+                              const double *sum_dy_xhat, Py_ssize_t i) noexcept nogil:
+    """Task i of _reduce_tasks(red, P): its channels summed over n, in order of n."""
+    cdef Py_ssize_t C = P // red.N, half = _reduce_tasks(red, P) // 2
+    cdef Py_ssize_t j = i % half
+    _channel_sums(sum_dy_xhat if i < half else sum_dy, red.N, C, red.t,
+                  red.dw if i < half else red.db, j * _CSUM_TASK, min(C, (j + 1) * _CSUM_TASK))
+
+
 cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                           const floating *x,    # IN  (P, L)
                           Py_ssize_t P, Py_ssize_t L,
@@ -637,9 +652,8 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
-    cdef Py_ssize_t p, i, j
-    cdef Py_ssize_t C = P // red.N if red.N else 0
-    cdef Py_ssize_t ntask = (C + _CSUM_TASK - 1) // _CSUM_TASK
+    cdef Py_ssize_t p, i
+    cdef Py_ssize_t ntask = _reduce_tasks(red, P)
     global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region
@@ -652,9 +666,8 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                                           slope, stream)
                 if stream:  # the batch kernels do not fence
                     cin_store_fence()
-                if red.N:
-                    _channel_sums(sum_dy_xhat, red.N, C, red.t, red.dw)
-                    _channel_sums(sum_dy, red.N, C, red.t, red.db)
+                for i in range(ntask):
+                    _reduce_task(red, P, sum_dy, sum_dy_xhat, i)
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
@@ -664,13 +677,10 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
                                       stream)
             if stream:  # each thread, after its batches (the batch kernels do not fence)
                 cin_store_fence()
-            if red.N:  # dweight, dbias: blocks of channels, each summed in order of n
+            if ntask:  # dweight, dbias: blocks of channels, each summed in order of n
                 cin_barrier()
-                for i in prange(2 * ntask, schedule='static'):
-                    j = i % ntask
-                    _channel_sums(sum_dy_xhat if i < ntask else sum_dy, red.N, C, red.t,
-                                  red.dw if i < ntask else red.db, j * _CSUM_TASK,
-                                  min(C, (j + 1) * _CSUM_TASK))
+                for i in prange(ntask, schedule='static'):
+                    _reduce_task(red, P, sum_dy, sum_dy_xhat, i)
         return 0
     _param_ready(&mean)
     _param_ready(&rstd)
@@ -678,9 +688,9 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
     _param_ready(&bias)
     _backward_planes_large(dy, x, P, L, k, mean, rstd, weight, dx, sum_dy, sum_dy_xhat,
                            use_input_stats, n_threads, bias, act, slope, stream)
-    if red.N:
-        _channel_sums(sum_dy_xhat, red.N, C, red.t, red.dw)
-        _channel_sums(sum_dy, red.N, C, red.t, red.db)
+    with nogil:
+        for i in range(ntask):
+            _reduce_task(red, P, sum_dy, sum_dy_xhat, i)
     return 0
 
 
@@ -1941,6 +1951,7 @@ def fast_backward(dy, x, mean, rstd, weight, use_input_stats, n_threads, out,
     cdef double *sdyx
     cdef _Param m, r, w, bp
     cdef _Reduce red = _NO_REDUCE
+    cdef bint per_channel
     # the public call's (N, C) or (C,) parameters; the modules' saved (P,) statistics too
     cdef int shapes = _SHAPE_C | _SHAPE_NC | (_SHAPE_P if planes else 0)
     if t < 0 or _dense_type(dy) != t:

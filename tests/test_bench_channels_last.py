@@ -57,7 +57,7 @@ def test_measure_interleaved_alternates_and_takes_the_best(monkeypatch):
     monkeypatch.setattr(_bench, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     monkeypatch.setattr(_bench, "MIN_SAMPLE_SECONDS", 0.0)  # one call per sample
     calls = []
-    cost = {"a": iter([1.0, 3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 6.0, 5.0])}
+    cost = {"a": iter([9.0, 1.0, 3.0, 1.0, 2.0]), "b": iter([9.0, 5.0, 4.0, 6.0, 5.0])}
 
     def timed(name):
         def fn():
@@ -66,10 +66,29 @@ def test_measure_interleaved_alternates_and_takes_the_best(monkeypatch):
         return fn
 
     t = _bench.measure_interleaved({"a": timed("a"), "b": timed("b")}, repeat=3)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then a b / b a / a b
+    # a warm-up and a sizing call each, then a b / b a / a b
+    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]
     assert t["a"] == _bench.Timing(1.0, 2.0) and t["b"] == _bench.Timing(4.0, 5.0)
     with pytest.raises(ValueError):
         _bench.measure_interleaved({"a": lambda: None}, repeat=0)
+
+
+def test_samples_are_sized_by_the_call_after_the_warm_up(monkeypatch):
+    """A first call that pays one-off costs (page faults of a fresh output) does not shrink the
+    samples to one call each: the second call sizes them."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(_bench, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    cost = iter([2.0 ** -7] + [2.0 ** -11] * 100)  # exact in binary
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.now += next(cost)
+
+    assert _bench.calls_per_sample(fn, 2.0 ** -9) == 4 and len(calls) == 2
+    monkeypatch.setattr(_bench, "MIN_SAMPLE_SECONDS", 2.0 ** -9)
+    t = _bench.measure(fn, repeat=3)
+    assert len(calls) == 2 + 2 + 3 * 4 and t == _bench.Timing(2.0 ** -11, 2.0 ** -11)
 
 
 def test_ratios():

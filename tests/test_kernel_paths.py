@@ -230,3 +230,24 @@ def test_channels_last_plans_per_profile(machine, shape, dtype, fused):
         g = (team_l2 // 2 if sample <= team_l2 else machine["llc"] // 8) // sample
         assert plan.G == min(max(g, 1), N)
         assert plan.k == min(max(-(-4 // plan.G), 1), L)
+
+
+def test_compiler_flags_keep_ieee_arithmetic():
+    """The kernels are built without -ffast-math or any flag that reassociates or flushes
+    denormals (DESIGN.md), and with -fno-math-errno on gcc and clang: sqrt then has no errno
+    branch, which kept the small-plane forward's per-plane rstd loop scalar; it changes no
+    result (nothing reads errno), which the statistics below of a plane with a negative
+    rounding of its variance, a NaN and an infinity check."""
+    flags = _cpu.build_flags().split()
+    for bad in ("-ffast-math", "-Ofast", "-funsafe-math-optimizations",
+                "-fassociative-math", "-ffinite-math-only"):
+        assert bad not in flags
+    if not any(f.startswith("/") for f in flags):  # not MSVC
+        assert "-fno-math-errno" in flags
+    x = np.full((1, 3, 4, 4), 0.1, np.float32)  # a constant plane: var 0 (m2 clamped at 0)
+    x[0, 1, 0, 0] = np.nan
+    x[0, 2, 0, 0] = np.inf
+    y, mean, rstd = cin.instance_norm_forward(x, n_threads=1)
+    assert np.all(y[0, 0] == 0) and rstd[0, 0] == np.float32(1 / np.sqrt(1e-5))
+    assert np.isnan(y[0, 1]).all() and np.isnan(rstd[0, 1])
+    assert np.isnan(y[0, 2]).all()

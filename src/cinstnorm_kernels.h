@@ -43,6 +43,9 @@
 /* Small planes (at most CIN_BLOCK elements) go through the instance-statistics forward in
  * batches of this many (cin_small_forward). */
 #define CIN_SMALL_BATCH 8
+/* (cin_hsum_batch reduces 2 * CIN_SMALL_BATCH sums at once: a power of two, at most 16) */
+_Static_assert(CIN_SMALL_BATCH == 1 || CIN_SMALL_BATCH == 2 || CIN_SMALL_BATCH == 4 ||
+               CIN_SMALL_BATCH == 8, "CIN_SMALL_BATCH must be 1, 2, 4 or 8");
 /* The small-plane backward touches each stream this far ahead of a batch, one prefetch per
  * stream and batch: the page's TLB entry and first lines are there before the batch reaches
  * it (numpy's arrays are partly on 4 KiB pages, where the hardware prefetchers stop at each

@@ -84,13 +84,84 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 #else
 #error "cin_hsum: CIN_VEC_BYTES must be 16, 32 or 64"
 #endif
-    if (sizeof(CIN_T) == 4) return (q[0] + q[2]) + (q[1] + q[3]);
+#if CIN_TBYTES == 4
+    return (q[0] + q[2]) + (q[1] + q[3]);
+#else
     return q[0] + q[1];
+#endif
 }
 #undef CIN_LO32
 #undef CIN_HI32
 #undef CIN_LO16
 #undef CIN_HI16
+
+/* out[j] = cin_hsum(v[j]) for j < m, bit for bit, m a power of two (at most 16): the same
+ * halving tree for every vector, but run across the vectors at once, transposed.  Each step
+ * takes pairs of vectors whose lanes form S segments each (one per input vector, of 2H
+ * lanes) into one of 2S segments of H lanes: lane i of a segment plus lane i + H, as the
+ * tree pairs them (shuffles of the low and of the high halves of every segment, one add).
+ * The float small-plane forward reduces its 8 and 16 sums per batch in log2(lanes) steps
+ * of m / 2 or fewer combines, where one hsum per sum took log2(lanes) steps of its own. */
+#if (defined(__clang__) || __GNUC__ >= 12) && defined(CIN_TBYTES)
+#define CIN_NL (CIN_VEC_BYTES / CIN_TBYTES)
+#define CIN_HLO(o, S, H) ((((o) / (H)) >= (S) ? CIN_NL : 0) + (((o) / (H)) % (S)) * 2 * (H) + (o) % (H))
+#define CIN_HHI(o, S, H) (CIN_HLO(o, S, H) + (H))
+#define CIN_L2(F, b, S, H) F(b, S, H), F(b + 1, S, H)
+#define CIN_L4(F, b, S, H) CIN_L2(F, b, S, H), CIN_L2(F, b + 2, S, H)
+#define CIN_L8(F, b, S, H) CIN_L4(F, b, S, H), CIN_L4(F, b + 4, S, H)
+#define CIN_L16(F, b, S, H) CIN_L8(F, b, S, H), CIN_L8(F, b + 8, S, H)
+#if CIN_NL == 16
+#define CIN_LANES(F, S, H) CIN_L16(F, 0, S, H)
+#elif CIN_NL == 8
+#define CIN_LANES(F, S, H) CIN_L8(F, 0, S, H)
+#elif CIN_NL == 4
+#define CIN_LANES(F, S, H) CIN_L4(F, 0, S, H)
+#elif CIN_NL == 2
+#define CIN_LANES(F, S, H) CIN_L2(F, 0, S, H)
+#endif
+#define CIN_HCOMB(u, w, S, H) (__builtin_shufflevector(u, w, CIN_LANES(CIN_HLO, S, H)) + \
+                               __builtin_shufflevector(u, w, CIN_LANES(CIN_HHI, S, H)))
+/* one step: pairs of vectors into one (a single vector with itself: its segments twice) */
+#define CIN_HSTEP(S, H)                                                                        \
+    do {                                                                                       \
+        if (cnt == 1) {                                                                        \
+            v[0] = CIN_HCOMB(v[0], v[0], S, H);                                                \
+        } else {                                                                               \
+            for (int i_ = 0; i_ < cnt / 2; i_++)                                               \
+                v[i_] = CIN_HCOMB(v[2 * i_], v[2 * i_ + 1], S, H);                             \
+            cnt /= 2;                                                                          \
+        }                                                                                      \
+    } while (0)
+#endif
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_hsum_batch)(CIN_FN(cin_vec) *v, const int m, CIN_T *out)
+{
+#ifdef CIN_HSTEP
+    int cnt = m;
+#if CIN_NL == 16
+    CIN_HSTEP(1, 8); CIN_HSTEP(2, 4); CIN_HSTEP(4, 2); CIN_HSTEP(8, 1);
+#elif CIN_NL == 8
+    CIN_HSTEP(1, 4); CIN_HSTEP(2, 2); CIN_HSTEP(4, 1);
+#elif CIN_NL == 4
+    CIN_HSTEP(1, 2); CIN_HSTEP(2, 1);
+#else
+    CIN_HSTEP(1, 1);
+#endif
+    for (int j = 0; j < m; j++) out[j] = v[j / CIN_NL][j % CIN_NL];
+#else
+    for (int j = 0; j < m; j++) out[j] = CIN_FN(cin_hsum)(v[j]);
+#endif
+}
+#undef CIN_NL
+#undef CIN_HLO
+#undef CIN_HHI
+#undef CIN_L2
+#undef CIN_L4
+#undef CIN_L8
+#undef CIN_L16
+#undef CIN_LANES
+#undef CIN_HCOMB
+#undef CIN_HSTEP
 
 /* ---- fused activations (codes CIN_ACT_*, see cinstnorm_kernels.h) --------------------------
  * ReLU and LeakyReLU are selects in registers; SiLU, GELU and GELU-tanh use the vector exp
@@ -174,9 +245,11 @@ CIN_FN(cin_vact_grad)(CIN_FN(cin_vec) t, CIN_FN(cin_vec) dy, int act, CIN_T s)
     return CIN_FN(cin_vgelu_tanh_grad)(t, dy);
 }
 
-/* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
-static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
-                                            CIN_T *s1, CIN_T *s2)
+/* The vector part of cin_shifted_sums: *va, *vq the lane sums of x - k and (x - k)^2 over
+ * the elements before the one returned (the rest, fewer than CIN_VLEN, is the tail's). */
+static inline ptrdiff_t CIN_FN(cin_shifted_vsums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
+                                                  CIN_T k, CIN_FN(cin_vec) *va,
+                                                  CIN_FN(cin_vec) *vq)
 {
     typedef CIN_FN(cin_vec) V;
     V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
@@ -195,8 +268,16 @@ static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff
         V d = CIN_FN(cin_load)(x + i) - k;
         a0 += d; q0 += d * d;
     }
-    CIN_T ta = CIN_FN(cin_hsum)((a0 + a1) + (a2 + a3));
-    CIN_T tq = CIN_FN(cin_hsum)((q0 + q1) + (q2 + q3));
+    *va = (a0 + a1) + (a2 + a3);
+    *vq = (q0 + q1) + (q2 + q3);
+    return i;
+}
+
+/* the scalar tail of cin_shifted_sums, from element i on, onto the lane sums ta, tq */
+static inline void CIN_FN(cin_shifted_tail)(const CIN_T *CIN_RESTRICT x, ptrdiff_t i,
+                                            ptrdiff_t n, CIN_T k, CIN_T ta, CIN_T tq,
+                                            CIN_T *s1, CIN_T *s2)
+{
     for (; i < n; i++) {
         CIN_T d = x[i] - k;
         ta += d;
@@ -206,8 +287,18 @@ static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff
     *s2 = tq;
 }
 
-/* Plain sum of n elements in CIN_T (used once per chunk to pick the shift). */
-static inline CIN_T CIN_FN(cin_sum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n)
+/* s1 = sum(x - k), s2 = sum((x - k)^2) over n elements, accumulated in CIN_T. */
+static inline void CIN_FN(cin_shifted_sums)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n, CIN_T k,
+                                            CIN_T *s1, CIN_T *s2)
+{
+    CIN_FN(cin_vec) va, vq;
+    ptrdiff_t i = CIN_FN(cin_shifted_vsums)(x, n, k, &va, &vq);
+    CIN_FN(cin_shifted_tail)(x, i, n, k, CIN_FN(cin_hsum)(va), CIN_FN(cin_hsum)(vq), s1, s2);
+}
+
+/* The vector part of cin_sum: *v the lane sums of the elements before the one returned. */
+static inline ptrdiff_t CIN_FN(cin_vsum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n,
+                                         CIN_FN(cin_vec) *v)
 {
     typedef CIN_FN(cin_vec) V;
     V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
@@ -219,7 +310,16 @@ static inline CIN_T CIN_FN(cin_sum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n)
         a3 += CIN_FN(cin_load)(x + i + 3 * CIN_VLEN);
     }
     for (; i + CIN_VLEN <= n; i += CIN_VLEN) a0 += CIN_FN(cin_load)(x + i);
-    CIN_T t = CIN_FN(cin_hsum)((a0 + a1) + (a2 + a3));
+    *v = (a0 + a1) + (a2 + a3);
+    return i;
+}
+
+/* Plain sum of n elements in CIN_T (used once per chunk to pick the shift). */
+static inline CIN_T CIN_FN(cin_sum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t n)
+{
+    CIN_FN(cin_vec) v;
+    ptrdiff_t i = CIN_FN(cin_vsum)(x, n, &v);
+    CIN_T t = CIN_FN(cin_hsum)(v);
     for (; i < n; i++) t += x[i];
     return t;
 }
@@ -347,20 +447,54 @@ CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t 
     const double dl = (double)L, inv_l = 1.0 / dl;
     ptrdiff_t wi = w_n ? p0 % w_n : 0, bi = b_n ? p0 % b_n : 0;
     if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
+#if CIN_TBYTES == 4
+    /* float: the lane sums of cin_sum and of cin_shifted_sums across the batch at once
+     * (cin_hsum_batch, the same bits).  Tiny float32 forward, Zen 4 VM: 0.89-0.94x the time
+     * of a plane-by-plane cin_hsum on AVX-512 and AVX2; for double (half the lanes, where
+     * the per-vector tree is short) it measured 1.02-1.09x, so double keeps that. */
+    CIN_FN(cin_vec) v[2 * CIN_SMALL_BATCH];
+    CIN_T t[2 * CIN_SMALL_BATCH];
+    const ptrdiff_t rest = L - L % CIN_VLEN;  /* where the vector parts stop */
+    const CIN_FN(cin_vec) zero = {0};
+    for (ptrdiff_t j = 0; j < n; j++) CIN_FN(cin_vsum)(x + j * L, L, &v[j]);
+    for (ptrdiff_t j = n; j < CIN_SMALL_BATCH; j++) v[j] = zero;
+    CIN_FN(cin_hsum_batch)(v, CIN_SMALL_BATCH, t);
+    if (rest < L)
+        for (ptrdiff_t j = 0; j < n; j++)
+            for (ptrdiff_t i = rest; i < L; i++) t[j] += x[j * L + i];
+    for (ptrdiff_t j = 0; j < n; j++) {
+        s[j] = (double)t[j];
+#else
     for (ptrdiff_t j = 0; j < n; j++) {
         s[j] = (double)CIN_FN(cin_sum)(x + j * L, L);
+#endif
         wv[j] = w_n ? w[wi] : 1.0;
         bv[j] = b_n ? b[bi] : 0.0;
         if (w_n && ++wi == w_n) wi = 0;
         if (b_n && ++bi == b_n) bi = 0;
     }
     for (ptrdiff_t j = 0; j < n; j++) k[j] = (CIN_T)(s[j] / dl);
+#if CIN_TBYTES == 4
+    for (ptrdiff_t j = 0; j < n; j++)
+        CIN_FN(cin_shifted_vsums)(x + j * L, L, k[j], &v[j], &v[CIN_SMALL_BATCH + j]);
+    for (ptrdiff_t j = n; j < CIN_SMALL_BATCH; j++) v[j] = v[CIN_SMALL_BATCH + j] = zero;
+    CIN_FN(cin_hsum_batch)(v, 2 * CIN_SMALL_BATCH, t);
+    if (rest < L)
+        for (ptrdiff_t j = 0; j < n; j++)
+            CIN_FN(cin_shifted_tail)(x + j * L, rest, L, k[j], t[j], t[CIN_SMALL_BATCH + j],
+                                     &t[j], &t[CIN_SMALL_BATCH + j]);
+    for (ptrdiff_t j = 0; j < n; j++) {
+        s[j] = (double)t[j];
+        q[j] = (double)t[CIN_SMALL_BATCH + j];
+    }
+#else
     for (ptrdiff_t j = 0; j < n; j++) {
         CIN_T a, b2;
         CIN_FN(cin_shifted_sums)(x + j * L, L, k[j], &a, &b2);
         s[j] = (double)a;
         q[j] = (double)b2;
     }
+#endif
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
         double dm = s[j] / dl;

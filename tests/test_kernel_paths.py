@@ -251,3 +251,27 @@ def test_compiler_flags_keep_ieee_arithmetic():
     assert np.all(y[0, 0] == 0) and rstd[0, 0] == np.float32(1 / np.sqrt(1e-5))
     assert np.isnan(y[0, 1]).all() and np.isnan(rstd[0, 1])
     assert np.isnan(y[0, 2]).all()
+
+
+@pytest.mark.parametrize("L", [16, 37, 64, 100, 1024])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_plane_statistics_do_not_depend_on_the_batch(rng, simd, L, dtype):
+    """Small planes go through the forward in batches of CIN_SMALL_BATCH whose lane sums are
+    reduced together (cin_hsum_batch, float): a plane's statistics and y are the same bits
+    whichever batch it falls in, at whichever position, beside whichever planes, in a full
+    batch, a short last batch or alone, and with a vector tail or not."""
+    P = 21  # two full batches and a short one
+    x = ((rng.standard_normal((P, L)) * rng.uniform(0.1, 10, (P, 1)))
+         + rng.uniform(-1e3, 1e3, (P, 1))).astype(dtype)
+    whole = cin.instance_norm_forward(x[None], n_threads=1)
+    shifted = cin.instance_norm_forward(x[None, 3:], n_threads=1)  # other batch positions
+    for a, b in zip(whole, shifted):
+        assert np.array_equal(a[0, 3:], b[0])
+    for p in (0, 7, 8, 20):
+        alone = cin.instance_norm_forward(x[None, p:p + 1], n_threads=1)
+        for a, b in zip(whole, alone):
+            assert np.array_equal(a[0, p], b[0, 0])
+    y, mean, rstd = whole  # and the statistics are the plane's own
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean[0], x64.mean(axis=1), rtol=1e-6, atol=1e-6 * 1e3)
+    np.testing.assert_allclose(rstd[0], 1 / np.sqrt(x64.var(axis=1) + 1e-5), rtol=1e-4)

@@ -104,7 +104,8 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
  * of m / 2 or fewer combines, where one hsum per sum took log2(lanes) steps of its own. */
 #if (defined(__clang__) || __GNUC__ >= 12) && defined(CIN_TBYTES)
 #define CIN_NL (CIN_VEC_BYTES / CIN_TBYTES)
-#define CIN_HLO(o, S, H) ((((o) / (H)) >= (S) ? CIN_NL : 0) + (((o) / (H)) % (S)) * 2 * (H) + (o) % (H))
+#define CIN_HLO(o, S, H)                                                                       \
+    ((((o) / (H)) >= (S) ? CIN_NL : 0) + (((o) / (H)) % (S)) * 2 * (H) + (o) % (H))
 #define CIN_HHI(o, S, H) (CIN_HLO(o, S, H) + (H))
 #define CIN_L2(F, b, S, H) F(b, S, H), F(b + 1, S, H)
 #define CIN_L4(F, b, S, H) CIN_L2(F, b, S, H), CIN_L2(F, b + 2, S, H)

@@ -100,8 +100,8 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
  * takes pairs of vectors whose lanes form S segments each (one per input vector, of 2H
  * lanes) into one of 2S segments of H lanes: lane i of a segment plus lane i + H, as the
  * tree pairs them (shuffles of the low and of the high halves of every segment, one add).
- * The float small-plane forward reduces its 8 and 16 sums per batch in log2(lanes) steps
- * of m / 2 or fewer combines, where one hsum per sum took log2(lanes) steps of its own. */
+ * The small-plane forward reduces its 8 and 16 sums per batch in log2(lanes) steps of m / 2
+ * or fewer combines, where one hsum per sum took log2(lanes) steps of its own. */
 #if (defined(__clang__) || __GNUC__ >= 12) && defined(CIN_TBYTES)
 #define CIN_NL (CIN_VEC_BYTES / CIN_TBYTES)
 #define CIN_HLO(o, S, H)                                                                       \
@@ -137,7 +137,10 @@ static inline CIN_T CIN_FN(cin_hsum)(CIN_FN(cin_vec) v)
 static inline __attribute__((always_inline)) void
 CIN_FN(cin_hsum_batch)(CIN_FN(cin_vec) *v, const int m, CIN_T *out)
 {
-#ifdef CIN_HSTEP
+#if defined(CIN_HSTEP) && CIN_TBYTES == 4
+    /* float only: tiny float32 forward, Zen 4 VM, 0.89-0.94x the time of one cin_hsum per
+     * vector (AVX-512 and AVX2); for double (half the lanes, a shorter tree per vector) the
+     * transposed form measured 1.02-1.09x */
     int cnt = m;
 #if CIN_NL == 16
     CIN_HSTEP(1, 8); CIN_HSTEP(2, 4); CIN_HSTEP(4, 2); CIN_HSTEP(8, 1);
@@ -448,11 +451,8 @@ CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t 
     const double dl = (double)L, inv_l = 1.0 / dl;
     ptrdiff_t wi = w_n ? p0 % w_n : 0, bi = b_n ? p0 % b_n : 0;
     if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
-#if CIN_TBYTES == 4
-    /* float: the lane sums of cin_sum and of cin_shifted_sums across the batch at once
-     * (cin_hsum_batch, the same bits).  Tiny float32 forward, Zen 4 VM: 0.89-0.94x the time
-     * of a plane-by-plane cin_hsum on AVX-512 and AVX2; for double (half the lanes, where
-     * the per-vector tree is short) it measured 1.02-1.09x, so double keeps that. */
+    /* the lane sums of cin_sum and of cin_shifted_sums, across the batch at once
+     * (cin_hsum_batch, the same bits) */
     CIN_FN(cin_vec) v[2 * CIN_SMALL_BATCH];
     CIN_T t[2 * CIN_SMALL_BATCH];
     const ptrdiff_t rest = L - L % CIN_VLEN;  /* where the vector parts stop */
@@ -465,17 +465,12 @@ CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t 
             for (ptrdiff_t i = rest; i < L; i++) t[j] += x[j * L + i];
     for (ptrdiff_t j = 0; j < n; j++) {
         s[j] = (double)t[j];
-#else
-    for (ptrdiff_t j = 0; j < n; j++) {
-        s[j] = (double)CIN_FN(cin_sum)(x + j * L, L);
-#endif
         wv[j] = w_n ? w[wi] : 1.0;
         bv[j] = b_n ? b[bi] : 0.0;
         if (w_n && ++wi == w_n) wi = 0;
         if (b_n && ++bi == b_n) bi = 0;
     }
     for (ptrdiff_t j = 0; j < n; j++) k[j] = (CIN_T)(s[j] / dl);
-#if CIN_TBYTES == 4
     for (ptrdiff_t j = 0; j < n; j++)
         CIN_FN(cin_shifted_vsums)(x + j * L, L, k[j], &v[j], &v[CIN_SMALL_BATCH + j]);
     for (ptrdiff_t j = n; j < CIN_SMALL_BATCH; j++) v[j] = v[CIN_SMALL_BATCH + j] = zero;
@@ -488,14 +483,6 @@ CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t 
         s[j] = (double)t[j];
         q[j] = (double)t[CIN_SMALL_BATCH + j];
     }
-#else
-    for (ptrdiff_t j = 0; j < n; j++) {
-        CIN_T a, b2;
-        CIN_FN(cin_shifted_sums)(x + j * L, L, k[j], &a, &b2);
-        s[j] = (double)a;
-        q[j] = (double)b2;
-    }
-#endif
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
         double dm = s[j] / dl;

@@ -465,7 +465,7 @@ cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
-    cdef Py_ssize_t p, i, j, lo, hi
+    cdef Py_ssize_t p, i, j, lo, hi, nb
     cdef double inv_l = 1.0 / <double>L
     cdef double *cmean
     cdef double *cm2
@@ -474,21 +474,21 @@ cdef int _forward_planes(const floating *x,   # IN  (P, L) C-contiguous
         if n_threads == 1:  # tiny inputs: without the OpenMP region (about a microsecond)
             _threads_used = 1
             with nogil:
-                for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
-                    p = i * CIN_SMALL_BATCH
-                    _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
-                                   weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
-                                   rstd + p, _rows(rp, p, L), act, slope, stream)
+                _small_forward(x, y, P, L, 0, weight.p, weight.n, bias.p, bias.n, eps, mean,
+                               var, rstd, rp, act, slope, stream)
                 if stream:  # the batch kernels do not fence
                     cin_store_fence()
             return 0
+        nb = (P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
-                p = i * CIN_SMALL_BATCH
-                _small_forward(x + p * L, y + p * L, min(CIN_SMALL_BATCH, P - p), L, p,
-                               weight.p, weight.n, bias.p, bias.n, eps, mean + p, var + p,
-                               rstd + p, _rows(rp, p, L), act, slope, stream)
+            # each thread its contiguous share of the batches, in one call
+            lo = _thread_share(0, nb, 0) * CIN_SMALL_BATCH
+            hi = min(P, _thread_share(0, nb, 1) * CIN_SMALL_BATCH)
+            if hi > lo:
+                _small_forward(x + lo * L, y + lo * L, hi - lo, L, lo, weight.p, weight.n,
+                               bias.p, bias.n, eps, mean + lo, var + lo, rstd + lo,
+                               _rows(rp, lo, L), act, slope, stream)
             if stream:  # each thread, after its batches (the batch kernels do not fence)
                 cin_store_fence()
         return 0
@@ -652,18 +652,15 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
     n_threads = _team_size(P * L, n_threads)
     cdef Py_ssize_t k = _chunks_per_plane(P, L, sizeof(floating), n_threads)
     cdef int stream = _use_streaming_stores(P * L * sizeof(floating))
-    cdef Py_ssize_t p, i
+    cdef Py_ssize_t i, lo, hi, nb = (P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH
     cdef Py_ssize_t ntask = _reduce_tasks(red, P)
     global _threads_used
     if k == 1 and L <= CIN_BLOCK:  # small planes: batches of CIN_SMALL_BATCH
         if n_threads == 1:  # tiny inputs: without the OpenMP region
             _threads_used = 1
             with nogil:
-                for i in range((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH):
-                    p = i * CIN_SMALL_BATCH
-                    _small_backward_batch(dy, x, dx, P, L, p, mean, rstd, weight,
-                                          use_input_stats, sum_dy, sum_dy_xhat, bias, act,
-                                          slope, stream)
+                _small_backward_range(dy, x, dx, 0, P, L, mean, rstd, weight, use_input_stats,
+                                      sum_dy, sum_dy_xhat, bias, act, slope, stream)
                 if stream:  # the batch kernels do not fence
                     cin_store_fence()
                 for i in range(ntask):
@@ -671,10 +668,11 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
             return 0
         with nogil, parallel(num_threads=n_threads):
             _record_team_size()
-            for i in prange((P + CIN_SMALL_BATCH - 1) // CIN_SMALL_BATCH, schedule='static'):
-                _small_backward_batch(dy, x, dx, P, L, i * CIN_SMALL_BATCH, mean, rstd, weight,
-                                      use_input_stats, sum_dy, sum_dy_xhat, bias, act, slope,
-                                      stream)
+            # each thread its contiguous share of the batches, in one call
+            lo = _thread_share(0, nb, 0) * CIN_SMALL_BATCH
+            hi = min(P, _thread_share(0, nb, 1) * CIN_SMALL_BATCH)
+            _small_backward_range(dy, x, dx, lo, hi, L, mean, rstd, weight, use_input_stats,
+                                  sum_dy, sum_dy_xhat, bias, act, slope, stream)
             if stream:  # each thread, after its batches (the batch kernels do not fence)
                 cin_store_fence()
             if ntask:  # dweight, dbias: blocks of channels, each summed in order of n
@@ -694,20 +692,22 @@ cdef int _backward_planes(const floating *dy,   # IN  (P, L) C-contiguous
     return 0
 
 
-cdef inline void _small_backward_batch(const floating *dy, const floating *x, floating *dx,
-                                       Py_ssize_t P, Py_ssize_t L, Py_ssize_t p, _Param m,
+cdef inline void _small_backward_range(const floating *dy, const floating *x, floating *dx,
+                                       Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t L, _Param m,
                                        _Param r, _Param w, bint use_input_stats, double *sdy,
                                        double *sdyx, _Param b, int act, double slope,
                                        int stream) noexcept nogil:
-    """The small-plane batch of planes p .. p + CIN_SMALL_BATCH (at most P), its deferred
-    parameters converted first."""
-    cdef Py_ssize_t n = min(CIN_SMALL_BATCH, P - p)
-    _param_convert(m, p, n)
-    _param_convert(r, p, n)
-    _param_convert(w, p, n)
-    _param_convert(b, p, n)
-    _small_backward(dy + p * L, x + p * L, dx + p * L, n, L, p, m, r, w, use_input_stats,
-                    sdy + p, sdyx + p, b, act, slope, stream)
+    """The small-plane backward of planes lo .. hi, their deferred parameters converted
+    first."""
+    cdef Py_ssize_t n = hi - lo
+    if n <= 0:
+        return
+    _param_convert(m, lo, n)
+    _param_convert(r, lo, n)
+    _param_convert(w, lo, n)
+    _param_convert(b, lo, n)
+    _small_backward(dy + lo * L, x + lo * L, dx + lo * L, n, L, lo, m, r, w, use_input_stats,
+                    sdy + lo, sdyx + lo, b, act, slope, stream)
 
 
 cdef int _backward_planes_large(const floating *dy, const floating *x, Py_ssize_t P,

@@ -258,6 +258,14 @@ static inline ptrdiff_t CIN_FN(cin_shifted_vsums)(const CIN_T *CIN_RESTRICT x, p
     typedef CIN_FN(cin_vec) V;
     V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
     ptrdiff_t i = 0;
+    if (n >= 4 * CIN_VLEN) {  /* the first block starts the sums (see cin_vsum) */
+        a0 = CIN_FN(cin_load)(x) - k;
+        a1 = CIN_FN(cin_load)(x + CIN_VLEN) - k;
+        a2 = CIN_FN(cin_load)(x + 2 * CIN_VLEN) - k;
+        a3 = CIN_FN(cin_load)(x + 3 * CIN_VLEN) - k;
+        q0 = a0 * a0; q1 = a1 * a1; q2 = a2 * a2; q3 = a3 * a3;
+        i = 4 * CIN_VLEN;
+    }
     for (; i + 4 * CIN_VLEN <= n; i += 4 * CIN_VLEN) {
         V d0 = CIN_FN(cin_load)(x + i) - k;
         V d1 = CIN_FN(cin_load)(x + i + CIN_VLEN) - k;
@@ -307,6 +315,17 @@ static inline ptrdiff_t CIN_FN(cin_vsum)(const CIN_T *CIN_RESTRICT x, ptrdiff_t 
     typedef CIN_FN(cin_vec) V;
     V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ptrdiff_t i = 0;
+    /* The first block starts the sums (not 0 + x: on planes of 4 vectors those adds were a
+     * third of the small forward's), the same bits: 0 + x is x but for x = -0, and a sum whose
+     * terms are not all -0 comes out the same either way; a plane of -0 then gets the shift
+     * k = -0 where it got +0, with the same mean (+0), variance and y (test_signed_zero_planes) */
+    if (n >= 4 * CIN_VLEN) {
+        a0 = CIN_FN(cin_load)(x);
+        a1 = CIN_FN(cin_load)(x + CIN_VLEN);
+        a2 = CIN_FN(cin_load)(x + 2 * CIN_VLEN);
+        a3 = CIN_FN(cin_load)(x + 3 * CIN_VLEN);
+        i = 4 * CIN_VLEN;
+    }
     for (; i + 4 * CIN_VLEN <= n; i += 4 * CIN_VLEN) {
         a0 += CIN_FN(cin_load)(x + i);
         a1 += CIN_FN(cin_load)(x + i + CIN_VLEN);
@@ -429,25 +448,21 @@ static void CIN_FN(cin_normalize)(const CIN_T *x, CIN_T *y, const CIN_T *r, ptrd
     if (stream) cin_store_fence();
 }
 
-/* Instance-statistics forward of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK
- * elements (plane j at x + j * L, parameter index p0 + j: weight[(p0 + j) % w_n], 1 when w_n is
- * 0; bias likewise, 0): mean, biased var and rstd in double, then y.  The same arithmetic as
- * cin_chunk_stats followed by cin_normalize, plane by plane, but the per-plane scalar steps
- * (divisions, square root) run across the batch, in vectors, instead of as one long dependency
- * chain per plane: small planes are otherwise latency bound.  The plane loops are inlined (one
- * instantiation per activation and residual, cin_small_forward below), and with stream the
- * caller fences once after its last batch (a fence per plane of 64 elements made streaming
- * stores 2-3x slower than cached ones). */
+/* Instance statistics of n <= CIN_SMALL_BATCH consecutive planes of L <= CIN_BLOCK elements
+ * (plane j at x + j * L, parameter index p0 + j: weight[(p0 + j) % w_n], 1 when w_n is 0; bias
+ * likewise, 0): mean, biased var and rstd in double, and the coefficients of each plane's y =
+ * (x - kk[j]) * ca[j] + cb[j] (cin_small_norm_body).  The same arithmetic as cin_chunk_stats
+ * followed by cin_normalize, plane by plane, but the per-plane scalar steps (divisions, square
+ * root) run across the batch, in vectors, instead of as one long dependency chain per plane:
+ * small planes are otherwise latency bound. */
 static inline __attribute__((always_inline)) void
-CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t p0,
-                               const double *w, ptrdiff_t w_n, const double *b, ptrdiff_t b_n,
-                               double eps, double *mean, double *var, double *rstd,
-                               const CIN_T *r, const int act, CIN_T slope, const int res,
-                               int stream)
+CIN_FN(cin_small_stats_body)(const CIN_T *x, ptrdiff_t n, ptrdiff_t L, ptrdiff_t p0,
+                             const double *w, ptrdiff_t w_n, const double *b, ptrdiff_t b_n,
+                             double eps, double *mean, double *var, double *rstd, CIN_T *kk,
+                             CIN_T *ca, CIN_T *cb)
 {
     double s[CIN_SMALL_BATCH], q[CIN_SMALL_BATCH], wv[CIN_SMALL_BATCH], bv[CIN_SMALL_BATCH];
-    double al[CIN_SMALL_BATCH], be[CIN_SMALL_BATCH];
-    CIN_T k[CIN_SMALL_BATCH], kk[CIN_SMALL_BATCH];
+    CIN_T k[CIN_SMALL_BATCH];
     const double dl = (double)L, inv_l = 1.0 / dl;
     ptrdiff_t wi = w_n ? p0 % w_n : 0, bi = b_n ? p0 % b_n : 0;
     if (n > CIN_SMALL_BATCH) n = CIN_SMALL_BATCH;
@@ -493,13 +508,46 @@ CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t 
         mean[j] = mu;
         var[j] = v;
         rstd[j] = rr;
-        kk[j] = (CIN_T)mu;
-        al[j] = rr * wv[j];
-        be[j] = bv[j] - (mu - (double)kk[j]) * al[j];
+        CIN_T kj = (CIN_T)mu;
+        double al = rr * wv[j];
+        kk[j] = kj;
+        ca[j] = (CIN_T)al;
+        cb[j] = (CIN_T)(bv[j] - (mu - (double)kj) * al);
     }
+}
+
+/* y of the batch from its coefficients (cin_small_stats_body) */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_small_norm_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
+                            const CIN_T *kk, const CIN_T *ca, const CIN_T *cb, const CIN_T *r,
+                            const int act, CIN_T slope, const int res, int stream)
+{
     for (ptrdiff_t j = 0; j < n; j++)
         CIN_FN(cin_normalize_body)(x + j * L, y + j * L, res ? r + j * L : NULL, L, kk[j],
-                                   (CIN_T)al[j], (CIN_T)be[j], act, slope, res, stream);
+                                   ca[j], cb[j], act, slope, res, stream);
+}
+
+/* The small-plane forward of n planes (any number), batch by batch: the statistics of
+ * CIN_SMALL_BATCH planes, then their y.  The plane loops are inlined (one instantiation per
+ * activation and residual, cin_small_forward below), and with stream the caller fences once
+ * after its last batch (a fence per plane of 64 elements made streaming stores 2-3x slower
+ * than cached ones).  (Software-pipelined, the statistics of batch i before y of batch i - 1,
+ * it measured no faster for tiny float32 and 1.2-1.4x the time for float64, Zen 4 VM.) */
+static inline __attribute__((always_inline)) void
+CIN_FN(cin_small_forward_body)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t p0,
+                               const double *w, ptrdiff_t w_n, const double *b, ptrdiff_t b_n,
+                               double eps, double *mean, double *var, double *rstd,
+                               const CIN_T *r, const int act, CIN_T slope, const int res,
+                               int stream)
+{
+    CIN_T c[3][CIN_SMALL_BATCH];
+    for (ptrdiff_t i = 0; i < n; i += CIN_SMALL_BATCH) {
+        ptrdiff_t m = n - i < CIN_SMALL_BATCH ? n - i : CIN_SMALL_BATCH;
+        CIN_FN(cin_small_stats_body)(x + i * L, m, L, p0 + i, w, w_n, b, b_n, eps, mean + i,
+                                     var + i, rstd + i, c[0], c[1], c[2]);
+        CIN_FN(cin_small_norm_body)(x + i * L, y + i * L, m, L, c[0], c[1], c[2],
+                                    res ? r + i * L : NULL, act, slope, res, stream);
+    }
 }
 
 static void CIN_FN(cin_small_forward)(const CIN_T *x, CIN_T *y, ptrdiff_t n, ptrdiff_t L,
@@ -530,6 +578,18 @@ CIN_FN(cin_backward_sums_body)(const CIN_T *CIN_RESTRICT dy, const CIN_T *CIN_RE
         typedef CIN_FN(cin_vec) V;
         V a0 = {0}, a1 = {0}, q0 = {0}, q1 = {0};
         ptrdiff_t i = 0;
+        if (nb >= 2 * CIN_VLEN) {  /* the first step starts the sums (see cin_vsum) */
+            V v0 = CIN_FN(cin_load)(v) - k, v1 = CIN_FN(cin_load)(v + CIN_VLEN) - k;
+            a0 = CIN_FN(cin_load)(g);
+            a1 = CIN_FN(cin_load)(g + CIN_VLEN);
+            if (act) {
+                a0 = CIN_FN(cin_vact_grad)(v0 * af + bf, a0, act, s);
+                a1 = CIN_FN(cin_vact_grad)(v1 * af + bf, a1, act, s);
+            }
+            q0 = a0 * v0;
+            q1 = a1 * v1;
+            i = 2 * CIN_VLEN;
+        }
         for (; i + 2 * CIN_VLEN <= nb; i += 2 * CIN_VLEN) {
             V g0 = CIN_FN(cin_load)(g + i), g1 = CIN_FN(cin_load)(g + i + CIN_VLEN);
             V v0 = CIN_FN(cin_load)(v + i) - k, v1 = CIN_FN(cin_load)(v + i + CIN_VLEN) - k;
@@ -726,8 +786,16 @@ CIN_FN(cin_small_backward_body)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrd
     }
 }
 
-/* The batch through SiLU or a GELU, with g on this frame's stack (out of line, so that the
- * other instantiations keep a small frame). */
+/* cin_small_backward_body on the n planes (any number) from plane p0 on, batch by batch, in
+ * the scope of cin_small_backward's arguments */
+#define CIN_SMALL_BACKWARD_BATCHES(A, G)                                                        \
+    for (ptrdiff_t i_ = 0; i_ < n; i_ += CIN_SMALL_BATCH)                                       \
+    CIN_FN(cin_small_backward_body)(dy + i_ * L, x + i_ * L, dx + i_ * L, n - i_, L, p0 + i_,   \
+                                    mean, m_n, rstd, r_n, w, w_n, use_input_stats, sum_dy + i_, \
+                                    sum_dy_xhat + i_, bias, b_n, A, slope, stream, G)
+
+/* Through SiLU or a GELU, with g on this frame's stack (out of line, so that the other
+ * instantiations keep a small frame). */
 static __attribute__((noinline)) void
 CIN_FN(cin_small_backward_g)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
                              ptrdiff_t L, ptrdiff_t p0, const double *mean, ptrdiff_t m_n,
@@ -736,11 +804,11 @@ CIN_FN(cin_small_backward_g)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff
                              const double *bias, ptrdiff_t b_n, int act, CIN_T slope, int stream)
 {
     CIN_T gb[CIN_SMALL_BATCH * CIN_BLOCK];
-    CIN_FN(cin_small_backward_body)(dy, x, dx, n, L, p0, mean, m_n, rstd, r_n, w, w_n,
-                                    use_input_stats, sum_dy, sum_dy_xhat, bias, b_n, act, slope,
-                                    stream, gb);
+    CIN_SMALL_BACKWARD_BATCHES(act, gb);
 }
 
+/* The small-plane backward of n planes (any number; plane j at dy/x/dx + j * L, parameters as
+ * cin_small_backward_body reads them from index p0 + j, sums into sum_dy[j], sum_dy_xhat[j]) */
 static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *dx, ptrdiff_t n,
                                        ptrdiff_t L, ptrdiff_t p0, const double *mean,
                                        ptrdiff_t m_n, const double *rstd, ptrdiff_t r_n,
@@ -754,13 +822,11 @@ static void CIN_FN(cin_small_backward)(const CIN_T *dy, const CIN_T *x, CIN_T *d
                                      stream);
         return;
     }
-#define CIN_BODY(A, R) CIN_FN(cin_small_backward_body)(dy, x, dx, n, L, p0, mean, m_n, rstd, r_n, \
-                                                       w, w_n, use_input_stats, sum_dy,           \
-                                                       sum_dy_xhat, bias, b_n, A, slope, stream,  \
-                                                       NULL)
+#define CIN_BODY(A, R) CIN_SMALL_BACKWARD_BATCHES(A, NULL)
     CIN_ACT_SWITCH(act, 0)
 #undef CIN_BODY
 }
+#undef CIN_SMALL_BACKWARD_BATCHES
 
 /* ---- channels-last: rows of lanes ((N, *spatial, C) memory), vectorised over lanes ------- */
 /* Every kernel below works on `rows` rows of w lanes, row r starting at x + r * ld (ld >= w):

@@ -253,6 +253,34 @@ def test_compiler_flags_keep_ieee_arithmetic():
     assert np.isnan(y[0, 2]).all()
 
 
+@pytest.mark.parametrize("L", [16, 64, 100, 256, 3000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_signed_zero_planes(simd, L, dtype):
+    """Planes of zeros, all -0.0 or mixing signs (every other element, a half, one lane in 16):
+    the sums start from their first vectors (not from 0 + x, which is x but for -0), yet mean
+    and y come out +0 and rstd 1/sqrt(eps) whatever the signs, and the backward's dx,
+    dweight and dbias are zeros with dweight and dbias +0, in small planes and in blocks of
+    large ones, on one thread and two."""
+    x = np.zeros((2, 5, L), dtype)
+    x[0, 0] = -0.0
+    x[0, 1, ::2] = -0.0
+    x[0, 2, :L // 2] = -0.0
+    x[0, 3, 1::16] = -0.0
+    x[1] = -0.0
+    dy = np.negative(x)  # +0 where x is -0 and -0 where it is +0
+    dy[1, 2] = -0.0
+    for nt in (1, 2):
+        y, mean, rstd = cin.instance_norm_forward(x, n_threads=nt)
+        for a in (y, mean):
+            assert np.all(a == 0) and not np.any(np.signbit(a))
+        np.testing.assert_array_equal(rstd, np.full_like(rstd, 1 / np.sqrt(1e-5)))
+        dx, dw, db = cin.instance_norm_backward(dy, x, mean, rstd, np.ones(5, dtype),
+                                                n_threads=nt)
+        assert np.all(dx == 0)
+        for a in (dw, db):
+            assert np.all(a == 0) and not np.any(np.signbit(a))
+
+
 @pytest.mark.parametrize("L", [16, 37, 64, 100, 1024])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_small_plane_statistics_do_not_depend_on_the_batch(rng, simd, L, dtype):

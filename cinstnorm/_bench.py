@@ -4,7 +4,9 @@ For each benchmark shape (docs/design.md) and dtype it times, in one process and
 arrays, cinstnorm's forward, backward (from saved statistics, affine weight) and forward +
 backward; the same three with torch CPU (when torch imports) and with a vectorised NumPy reference written here; and
 ``np.copyto`` of the input's bytes, the practical floor of a memory-bound kernel. Every timing is
-reported as a ratio measured in the same run, because absolute times hold only on one machine.
+reported as a ratio measured in the same run, because absolute times hold only on one machine;
+the calls of one case are timed side by side, one sample of each per round
+(:func:`measure_interleaved`), so that the ratios do not take the machine's drifts with them.
 
 A channels-last table follows (``--no-channels-last`` skips it): the same arrays with
 (N, *spatial, C) memory, cinstnorm's forward and backward into ``out=`` arrays of that layout
@@ -56,6 +58,11 @@ EPS = 1e-5
 # Each sample runs the function often enough to last this long, so that sub-millisecond
 # kernels are not measured at the resolution of the clock and the call overhead.
 MIN_SAMPLE_SECONDS = 2e-3
+
+# The samples of the main tables' side-by-side timings last this long: each sample's first call
+# finds the caches as the calls timed before it left them, and in samples of 2 ms that first
+# call of a sub-millisecond kernel weighed on its time.
+SIDE_BY_SIDE_SAMPLE_SECONDS = 10e-3
 
 # What each op's "cin/copy" ratio divides; forward uses out= so both sides write mapped pages.
 OPS = ("forward", "backward", "forward_backward")
@@ -383,10 +390,11 @@ def run_benchmarks(shapes, dtypes, threads: int, repeat: int, progress: Progress
             fns.update({f"{p}_forward": peer.run for p, peer in peer_runs.items()})
             for _ in unsupported:  # steps counted for every peer
                 progress.advance()
-            times = {}
-            for key, fn in fns.items():
-                progress.show(f"{label}: {key}")
-                times[key] = measure(fn, repeat)
+            # side by side (measure_interleaved): the VM's speed drifts over seconds, and
+            # ratios of calls timed one after another took the drift with them
+            progress.show(f"{label}: {len(fns)} calls side by side")
+            times = measure_interleaved(fns, repeat, SIDE_BY_SIDE_SAMPLE_SECONDS)
+            for _ in fns:
                 progress.advance()
             y_err, dx_err = _max_errors(x, dy, weight, bias, threads)
             case = {
@@ -447,11 +455,12 @@ def is_channels_last(a: np.ndarray) -> bool:
     return bool(np.moveaxis(a, 1, -1).flags.c_contiguous)
 
 
-def measure_interleaved(fns: dict, repeat: int = 7) -> dict:
+def measure_interleaved(fns: dict, repeat: int = 7, min_seconds: float = None) -> dict:
     """Time several functions side by side: ``{name: Timing}``.
 
     Each function gets a warm-up call and a call that sizes its samples (as many calls as fill
-    ``MIN_SAMPLE_SECONDS``: :func:`calls_per_sample`, as in :func:`measure`); then ``repeat``
+    ``min_seconds``, default ``MIN_SAMPLE_SECONDS``: :func:`calls_per_sample`, as in
+    :func:`measure`); then ``repeat``
     rounds take one sample of every function in turn, the order reversed every other round, so
     that drifts of the machine (other load, clock speed) fall on all of them alike.
 
@@ -462,7 +471,7 @@ def measure_interleaved(fns: dict, repeat: int = 7) -> dict:
     (['a', 'b'], True)
     """
     return {key: Timing(min(s), statistics.median(s))
-            for key, s in interleaved_samples(fns, repeat).items()}
+            for key, s in interleaved_samples(fns, repeat, min_seconds).items()}
 
 
 def interleaved_samples(fns: dict, repeat: int = 7,

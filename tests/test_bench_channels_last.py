@@ -271,6 +271,26 @@ def test_torch_column_runs_on_the_channels_last_input(tiny_shapes):
     assert math.isfinite(ratio) and ratio > 0
 
 
+def test_main_tables_time_each_case_side_by_side(tiny_shapes, monkeypatch):
+    """The forward/backward tables time all of a case's calls together, in rounds of one
+    sample each (the VM's speed drifts over seconds: ratios of calls timed one after another
+    took the drift with them), with samples of SIDE_BY_SIDE_SAMPLE_SECONDS."""
+    groups = []
+    real = _bench.measure_interleaved
+
+    def spy(fns, repeat=7, min_seconds=None):
+        groups.append((tuple(fns), min_seconds))
+        return real(fns, repeat, 0.0)
+
+    monkeypatch.setattr(_bench, "measure_interleaved", spy)
+    monkeypatch.setattr(_bench, "measure", None)  # not timed one function at a time
+    progress = _bench.Progress(0, enabled=False)
+    (case,) = _bench.run_benchmarks(["unit"], ["float64"], 1, 1, progress)
+    ((keys, seconds),) = groups
+    assert seconds == _bench.SIDE_BY_SIDE_SAMPLE_SECONDS
+    assert set(keys) == set(case["times"]) and "cin_forward" in keys and "copyto" in keys
+
+
 def test_each_ratio_is_timed_as_a_pair(tiny_shapes, monkeypatch):
     """Every ratio's two functions are timed together and alone (a third function between
     them biased the ratio), and every function is timed once."""

@@ -1,4 +1,7 @@
-"""Small helpers shared by the tests: inputs, tolerances, snapshots, layouts."""
+"""Small helpers shared by the tests: inputs, tolerances, snapshots, layouts, tools."""
+
+import importlib.util
+import pathlib
 
 import numpy as np
 
@@ -199,3 +202,12 @@ def pin_machine(name, simd=True):
     path = p["simd"] if p["simd"] in _cpu.simd_supported() else "baseline"
     _cpu.select_simd(path)
     return path
+
+
+def load_tool(name):
+    """tools/<name>.py of this checkout, imported as a module (tools/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,20 +1,15 @@
 """tools/bench_median.py: the median of each ratio over runs, and the geomean of the medians."""
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 
-TOOL = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_median.py"
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("bench_median", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_median")
 
 
 def _run(fwd, cl_fwd, cl_bwd):

@@ -6,9 +6,7 @@ End-to-end runs use stand-in peers (NumPy behind the peers' interface) so that t
 wiring whatever is installed; the real peers are checked on their own (importorskip).
 """
 import gc
-import importlib.util
 import json
-import pathlib
 import sys
 import weakref
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 
 from cinstnorm import _bench, _peers
-from helpers import make_affine, make_x
+from helpers import load_tool, make_affine, make_x
 from reference import forward as reference_forward
 
 SKIP_HINT = 'pip install "cinstnorm[peers]"'
@@ -309,11 +307,7 @@ def test_options():
 
 @pytest.fixture(scope="module")
 def accuracy_tool():
-    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "peer_accuracy.py"
-    spec = importlib.util.spec_from_file_location("peer_accuracy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("peer_accuracy")
 
 
 def test_accuracy_reference_is_instance_norm(accuracy_tool, rng):

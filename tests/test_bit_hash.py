@@ -1,5 +1,4 @@
 """tools/bit_hash.py: the bitwise regression hash of forward and backward outputs."""
-import importlib.util
 import pathlib
 import re
 import subprocess
@@ -7,15 +6,14 @@ import sys
 
 import pytest
 
+from helpers import load_tool
+
 TOOL = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bit_hash.py"
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("bit_hash", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bit_hash")
 
 
 def test_digest_is_repeatable_and_sees_one_changed_bit(tool, monkeypatch):

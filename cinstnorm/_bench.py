@@ -460,9 +460,9 @@ def measure_interleaved(fns: dict, repeat: int = 7, min_seconds: float = None) -
 
     Each function gets a warm-up call and a call that sizes its samples (as many calls as fill
     ``min_seconds``, default ``MIN_SAMPLE_SECONDS``: :func:`calls_per_sample`, as in
-    :func:`measure`); then ``repeat``
-    rounds take one sample of every function in turn, the order reversed every other round, so
-    that drifts of the machine (other load, clock speed) fall on all of them alike.
+    :func:`measure`); then ``repeat`` rounds take one sample of every function in turn, the
+    order reversed every other round, so that drifts of the machine (other load, clock speed)
+    fall on all of them alike.
 
     Examples
     --------
